@@ -1,0 +1,531 @@
+"""The configuration schema: one typed dataclass per section, loaded from YAML.
+
+A config file is a YAML mapping of sections (``run``, ``data``, ``decode``, ``model``,
+``cache``, ``extract``, ``train``, ``scst``, ``eval``, ``caption``) to their keys. Every
+command takes ``--set section.key=value`` overrides on top of the file. An unknown or
+mistyped key is an error that names the key and the file, and every field's docstring
+below is also its reference documentation (see ``vidcap config-reference``).
+
+Each stage has a fingerprint: a hash of exactly the settings that change its outputs
+(``STAGE_KEYS``). A finished stage records it in ``DONE.json``; the pipeline skips the
+stage when it matches and refuses to overwrite it when it does not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is invalid; the message names the key and the source."""
+
+
+# ---------------------------------------------------------------------------------------
+# Sections. The first line of each field's docstring (the string below it) is its help.
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class RunConfig:
+    output_dir: str = "runs/default"
+    """Folder of this run; every stage writes under `<output_dir>/<stage>/`."""
+    seed: int = 0
+    """Seed for sampling views, data order and initialisation."""
+    device: str = "auto"
+    """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    stages: list[str] = field(default_factory=lambda: ["extract", "train", "scst", "eval"])
+    """Stages `run_pipeline.py` runs, in this order."""
+
+    def __post_init__(self) -> None:
+        for stage in self.stages:
+            if stage not in STAGES:
+                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+
+
+@dataclass
+class DataConfig:
+    format: str = "jsonl"
+    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd` or `vatex`."""
+    annotations: str = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    video_root: str = ""
+    """Folder that relative video paths are resolved against."""
+    video_ext: str = ".mp4"
+    """Extension appended to bare video ids (msrvtt `video7` -> `video7.mp4`, vatex, msvd)."""
+    train_split: str = "train"
+    """Name of the training split."""
+    val_split: str = "val"
+    """Name of the validation split (used for per-epoch validation CIDEr)."""
+    test_split: str = "test"
+    """Name of the split `eval` scores."""
+    max_videos: int = 0
+    """Keep only the first N videos of each split (0: all); for smoke tests."""
+
+    def __post_init__(self) -> None:
+        _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+
+
+@dataclass
+class DecodeConfig:
+    backend: str = "decord"
+    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    threads: int = 0
+    """Decoder threads per video (0: the backend's automatic choice)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = "Salesforce/blip2-flan-t5-xl"
+    """BLIP-2 to start from: a Hugging Face hub id or a local folder."""
+    num_frames: int = 8
+    """Frames sampled per video (T)."""
+    image_size: int = 224
+    """Side of the square frames fed to the ViT."""
+    fusion: str = "concat"
+    """How frame tokens reach the Q-Former: `concat` (T*L tokens) or `mean` (average over T)."""
+    temporal_embeddings: bool = False
+    """Add a learned, zero-initialised embedding per frame index before fusion."""
+    llm: str = "frozen"
+    """Language model training: `frozen`, `lora` or `full`."""
+    lora_r: int = 8
+    """LoRA rank."""
+    lora_alpha: int = 16
+    """LoRA scaling alpha."""
+    lora_dropout: float = 0.05
+    """LoRA dropout."""
+    lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
+    """Module names LoRA wraps (T5: `q`, `v`; OPT: `q_proj`, `v_proj`)."""
+    prompt: str = "a video of"
+    """Text prompt given to the language model."""
+    max_caption_tokens: int = 32
+    """Caption length limit in tokens for training targets."""
+    dtype: str = "auto"
+    """Compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."""
+
+    def __post_init__(self) -> None:
+        _check_choice("model.fusion", self.fusion, ("concat", "mean"))
+        _check_choice("model.llm", self.llm, ("frozen", "lora", "full"))
+        _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_positive("model.num_frames", self.num_frames)
+        _check_positive("model.image_size", self.image_size)
+
+
+@dataclass
+class CacheConfig:
+    path: str = ""
+    """Zarr store of ViT tokens (empty: `<run.output_dir>/extract/features.zarr`)."""
+    train_views: int = 0
+    """Augmented training views stored per video besides the evaluation view 0."""
+    codec: str = "zstd"
+    """Chunk compressor: `zstd`, `lz4`, `blosc-zstd`, `blosc-lz4` or `none`."""
+    codec_level: int = 3
+    """Compression level of the codec."""
+
+    def __post_init__(self) -> None:
+        _check_choice("cache.codec", self.codec, ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none"))
+        if self.train_views < 0:
+            raise ConfigError(f"cache.train_views must be >= 0, got {self.train_views}")
+
+
+@dataclass
+class ExtractConfig:
+    batch_size: int = 16
+    """Videos per ViT batch (each contributes T * views frames)."""
+    decode_workers: int = 2
+    """Threads decoding videos ahead of the ViT."""
+    workers: int = 0
+    """Local Dask workers (0: run in this process)."""
+    scheduler: str = ""
+    """Address of a running Dask scheduler (`tcp://host:8786`); overrides `workers`."""
+    splits: list[str] = field(default_factory=list)
+    """Splits to extract (empty: every split in the annotations)."""
+
+
+@dataclass
+class TrainConfig:
+    source: str = "cache"
+    """Where frame tokens come from: `cache` (the Zarr store) or `video` (decode + ViT per step)."""
+    epochs: int = 5
+    """Passes over the training videos."""
+    batch_size: int = 8
+    """Global batch per optimiser step (divided across DDP ranks, times accumulation)."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimiser step."""
+    lr: float = 5e-5
+    """Peak learning rate (after warmup)."""
+    min_lr: float = 1e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_lr: float = 1e-8
+    """Learning rate at step 0 of the warmup."""
+    warmup_steps: int = 1000
+    """Linear warmup steps."""
+    weight_decay: float = 0.05
+    """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0: off)."""
+    captions: str = "sample"
+    """`sample`: one random reference per video per epoch; `all`: every (video, caption) pair."""
+    checkpoint_every: int = 200
+    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
+    log_every: int = 10
+    """Log training metrics every N optimiser steps."""
+    val_max_videos: int = 0
+    """Validate on at most N videos of the validation split (0: all)."""
+    num_workers: int = 2
+    """Data loader workers reading the cache (0: main process)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("train.source", self.source, ("cache", "video"))
+        _check_choice("train.captions", self.captions, ("sample", "all"))
+        _check_positive("train.batch_size", self.batch_size)
+        _check_positive("train.grad_accum", self.grad_accum)
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
+            )
+
+
+@dataclass
+class ScstConfig:
+    epochs: int = 1
+    """Passes over the training videos."""
+    max_steps: int = 20000
+    """Stop after this many optimiser steps (0: no limit besides epochs)."""
+    batch_size: int = 16
+    """Videos per optimiser step (global)."""
+    lr: float = 1e-5
+    """Peak learning rate."""
+    min_lr: float = 1e-6
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 0
+    """Linear warmup steps."""
+    weight_decay: float = 0.05
+    """AdamW weight decay."""
+    grad_clip: float = 1.0
+    """Max gradient norm (0: off)."""
+    samples: int = 5
+    """Sampled captions per video (k)."""
+    baseline: str = "greedy"
+    """Reward baseline: `greedy` (reward of the greedy caption) or `mean` (of the other k-1 samples)."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    top_k: int = 0
+    """Top-k sampling (0: off)."""
+    top_p: float = 1.0
+    """Nucleus sampling threshold (1.0: off)."""
+    max_new_tokens: int = 32
+    """Length limit of sampled captions."""
+    checkpoint_every: int = 200
+    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
+    log_every: int = 10
+    """Log metrics every N optimiser steps."""
+
+    def __post_init__(self) -> None:
+        _check_choice("scst.baseline", self.baseline, ("greedy", "mean"))
+        if self.samples < 2 and self.baseline == "mean":
+            raise ConfigError("scst.baseline=mean needs scst.samples >= 2")
+
+
+@dataclass
+class EvalConfig:
+    models: list[str] = field(default_factory=lambda: ["zero_shot", "ce", "scst"])
+    """Models to evaluate: `zero_shot` (model.pretrained), `ce` (best train checkpoint), `scst`, or a folder."""
+    split: str = ""
+    """Split to score (empty: data.test_split)."""
+    source: str = "auto"
+    """Frame tokens from `cache`, from `video`, or `auto` (cache when it covers the split)."""
+    batch_size: int = 16
+    """Videos per generation batch."""
+    num_beams: int = 5
+    """Beam width."""
+    max_new_tokens: int = 32
+    """Maximum caption length in tokens."""
+    min_new_tokens: int = 5
+    """Minimum caption length in tokens."""
+    metrics: list[str] = field(default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"])
+    """coco-caption metrics to compute (`SPICE` too where it can run)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("eval.source", self.source, ("auto", "cache", "video"))
+
+
+@dataclass
+class CaptionConfig:
+    batch_size: int = 8
+    """Videos per generation batch."""
+    decode_workers: int = 2
+    """Threads decoding videos ahead of the model."""
+    num_beams: int = 5
+    """Beam width (1: greedy)."""
+    max_new_tokens: int = 32
+    """Maximum caption length in tokens."""
+    min_new_tokens: int = 5
+    """Minimum caption length in tokens."""
+    workers: int = 0
+    """Local Dask workers (0: in this process)."""
+    scheduler: str = ""
+    """Address of a running Dask scheduler; overrides `workers`."""
+    window: float = 0.0
+    """Caption consecutive windows of this many seconds (0: whole video)."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scst: ScstConfig = field(default_factory=ScstConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    caption: CaptionConfig = field(default_factory=CaptionConfig)
+    source: str = field(default="<defaults>", compare=False, repr=False)
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.run.output_dir)
+
+    @property
+    def cache_path(self) -> Path:
+        return Path(self.cache.path) if self.cache.path else self.output_dir / "extract" / "features.zarr"
+
+    def stage_dir(self, stage: str) -> Path:
+        return self.output_dir / stage
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
+
+
+STAGES = ("extract", "train", "scst", "eval", "caption")
+
+# Settings that change each stage's outputs. A stage's fingerprint also folds in the
+# fingerprints of the stages it reads from, so retraining invalidates evaluation.
+STAGE_KEYS: dict[str, tuple[str, ...]] = {
+    "extract": (
+        "data.format", "data.annotations", "data.video_root", "data.video_ext", "data.max_videos",
+        "model.pretrained", "model.num_frames", "model.image_size",
+        "cache.path", "cache.train_views", "cache.codec", "cache.codec_level",
+        "extract.splits", "run.seed",
+    ),
+    "train": (
+        "data", "model", "cache.path", "cache.train_views", "train.source", "train.epochs",
+        "train.batch_size", "train.grad_accum", "train.lr", "train.min_lr", "train.warmup_lr",
+        "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.captions",
+        "train.val_max_videos", "run.seed",
+    ),
+    "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed"),
+    "eval": ("eval.models", "eval.split", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens",
+             "eval.metrics", "data.test_split"),
+    "caption": ("caption",),
+}
+STAGE_INPUTS: dict[str, tuple[str, ...]] = {
+    "extract": (),
+    "train": ("extract",),
+    "scst": ("train",),
+    "eval": ("train", "scst"),
+    "caption": (),
+}
+
+
+def _sections() -> tuple[dataclasses.Field, ...]:
+    return tuple(f for f in dataclasses.fields(Config) if f.name != "source")
+
+
+# ---------------------------------------------------------------------------------------
+# Loading
+# ---------------------------------------------------------------------------------------
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Read a YAML config and apply `section.key=value` overrides; validate everything."""
+    raw: dict[str, Any] = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
+        try:
+            raw = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from None
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of sections")
+    for override in overrides:
+        _apply_override(raw, override)
+    config = config_from_dict(raw, source)
+    config.source = source
+    return config
+
+
+def config_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Config:
+    sections = {f.name: f for f in _sections()}
+    built: dict[str, Any] = {}
+    for name, values in raw.items():
+        if name not in sections:
+            raise ConfigError(f"{source}: unknown section {name!r}; sections are {', '.join(sections)}")
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {name!r} must be a mapping, got {type(values).__name__}")
+        built[name] = _build_section(sections[name].default_factory, name, values, source)
+    try:
+        return Config(**built)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _build_section(cls: type, section: str, values: dict[str, Any], source: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in fields:
+            hint = _closest(key, fields)
+            raise ConfigError(f"{source}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint}?)" if hint else ""))
+        kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin in (list, tuple):
+        (item,) = typing.get_args(hint)[:1]
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{source}: {key} must be a list, got {value!r}")
+        return [_coerce(v, item, key, source) for v in value]
+    if origin in (typing.Union, types.UnionType):
+        return value
+    if hint is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
+            return value.lower() in ("true", "yes", "1")
+        raise ConfigError(f"{source}: {key} must be true or false, got {value!r}")
+    if hint in (int, float):
+        if isinstance(value, bool):
+            raise ConfigError(f"{source}: {key} must be a number, got {value!r}")
+        try:
+            number = float(value) if hint is float else int(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{source}: {key} must be {hint.__name__}, got {value!r}") from None
+        if hint is int and isinstance(value, float) and value != int(value):
+            raise ConfigError(f"{source}: {key} must be an integer, got {value!r}")
+        return number
+    if hint is str:
+        if isinstance(value, (dict, list)):
+            raise ConfigError(f"{source}: {key} must be a string, got {value!r}")
+        return "" if value is None else str(value)
+    return value
+
+
+def _apply_override(raw: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"--set {override!r}: expected section.key=value")
+    dotted, value = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    if len(parts) != 2 or not all(parts):
+        raise ConfigError(f"--set {override!r}: the key must be section.key, e.g. train.lr=1e-4")
+    section, key = parts
+    parsed = yaml.safe_load(value) if value.strip() else ""
+    current = raw.setdefault(section, {})
+    if current is None:
+        current = raw[section] = {}
+    if not isinstance(current, dict):
+        raise ConfigError(f"--set {override!r}: section {section!r} is not a mapping")
+    current[key] = parsed
+
+
+def _closest(key: str, names: dict[str, Any]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
+
+
+def _check_positive(key: str, value: int) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be positive, got {value}")
+
+
+# ---------------------------------------------------------------------------------------
+# Fingerprints
+# ---------------------------------------------------------------------------------------
+
+
+def stage_settings(config: Config, stage: str) -> dict[str, Any]:
+    """The settings that determine `stage`'s outputs, as a flat {dotted key: value} dict."""
+    flat = config.to_dict()
+    settings: dict[str, Any] = {}
+    for key in STAGE_KEYS[stage]:
+        section, _, name = key.partition(".")
+        if name:
+            settings[key] = flat[section][name]
+        else:
+            settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
+    for upstream in STAGE_INPUTS[stage]:
+        settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
+    return settings
+
+
+def stage_fingerprint(config: Config, stage: str) -> str:
+    """A stable hash of `stage_settings(config, stage)`."""
+    blob = json.dumps(stage_settings(config, stage), sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """Human-readable differences between two settings dicts: `key: old -> new`."""
+    keys = sorted(set(old) | set(new))
+    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys if old.get(k) != new.get(k)]
+
+
+def config_reference() -> str:
+    """Markdown table of every key, its default and its help: the README's reference section."""
+    import ast
+    import inspect
+
+    lines = ["| key | default | meaning |", "| --- | --- | --- |"]
+    for section in _sections():
+        cls = section.default_factory
+        docs = _field_docs(cls, ast, inspect)
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            lines.append(f"| `{section.name}.{f.name}` | `{json.dumps(default)}` | {docs.get(f.name, '')} |")
+    return "\n".join(lines)
+
+
+def _field_docs(cls: type, ast: Any, inspect: Any) -> dict[str, str]:
+    tree = ast.parse(inspect.getsource(cls).lstrip())
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
+            if isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
+                docs[node.target.id] = following.value.value.strip().splitlines()[0]
+    return docs
