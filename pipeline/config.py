@@ -44,8 +44,11 @@ class RunConfig:
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
     stages: list[str] = field(default_factory=lambda: ["extract", "train", "scst", "eval"])
     """Stages `run_pipeline.py` runs, in this order."""
+    prepare: str = ""
+    """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
 
     def __post_init__(self) -> None:
+        _check_choice("run.prepare", self.prepare, ("", "demo"))
         for stage in self.stages:
             if stage not in STAGES:
                 raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")

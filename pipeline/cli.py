@@ -1,0 +1,231 @@
+"""The `vidcap` command line: thin click commands that build a config and call a stage.
+
+Every stage command takes `--config FILE` and repeated `--set section.key=value`; `--force`
+redoes a finished stage. Errors a user can fix (bad config, missing inputs, no Java) are
+printed as one message, without a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from functools import wraps
+from typing import Any
+
+import click
+
+from pipeline.config import Config, ConfigError, load_config
+
+_CONFIG_HELP = "YAML config (see configs/); defaults apply to keys it leaves out."
+_SET_HELP = "Override one key, e.g. --set train.lr=1e-4 (repeatable)."
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """Exception types that carry a message meant for the user."""
+    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
+    for module, name in [
+        ("pipeline.stage", "StageError"),
+        ("pipeline.annotations", "AnnotationError"),
+        ("pipeline.metrics", "JavaNotFoundError"),
+        ("pipeline.video", "VideoDecodeError"),
+        ("cache.store", "FingerprintMismatch"),
+        ("cache.store", "StoreError"),
+    ]:
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, name):
+            errors.append(getattr(mod, name))
+    return tuple(errors)
+
+
+def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
+    @wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except click.ClickException:
+            raise
+        except Exception as e:
+            if isinstance(e, _user_errors()):
+                raise click.ClickException(str(e)) from None
+            raise
+
+    return wrapper
+
+
+def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)(fn)
+    fn = click.option("--config", "config_path", type=click.Path(dir_okay=False), help=_CONFIG_HELP)(fn)
+    return fn
+
+
+def _config(config_path: str | None, overrides: tuple[str, ...]) -> Config:
+    return load_config(config_path, list(overrides))
+
+
+def _print_json(obj: Any) -> None:
+    click.echo(json.dumps(obj, indent=2, default=str))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vidcap")
+def main() -> None:
+    """vidcap: BLIP-2 as a video captioner, as resumable stages around a feature cache.
+
+    \b
+    Typical run:
+      vidcap extract --config configs/msrvtt_t5xl_ce.yaml   # ViT tokens -> Zarr cache
+      vidcap train   --config configs/msrvtt_t5xl_ce.yaml   # CE from the cache
+      vidcap scst    --config configs/msrvtt_t5xl_ce.yaml   # self-critical, CIDEr reward
+      vidcap eval    --config configs/msrvtt_t5xl_ce.yaml   # coco-caption metrics
+    or all at once: vidcap run --config ... (= python run_pipeline.py).
+    """
+
+
+def _stage_command(name: str, summary: str) -> None:
+    @main.command(name=name, help=summary)
+    @config_options
+    @click.option("--force", is_flag=True, help="Redo the stage even if it finished with other settings.")
+    @friendly_errors
+    def command(config_path: str | None, overrides: tuple[str, ...], force: bool) -> None:
+        import importlib
+
+        config = _config(config_path, overrides)
+        stage = importlib.import_module(f"stages.{name}")
+        _print_json(stage.run(config, force=force))
+
+
+_stage_command("extract", "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.")
+_stage_command("train", "Cross-entropy training from the cache (or raw videos); torchrun for several GPUs.")
+_stage_command("scst", "Self-critical sequence training (CIDEr-D reward) from the best CE checkpoint.")
+_stage_command("eval", "Caption a split and score it with coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr).")
+
+
+@main.command()
+@config_options
+@click.option("--stages", default="", help="Comma-separated stages to run (default: run.stages).")
+@click.option("--from", "from_stage", default="", help="Start at this stage, skipping the ones before.")
+@click.option("--force", "force", multiple=True, metavar="STAGE", help="Redo this stage (repeatable; 'all').")
+@friendly_errors
+def run(config_path: str | None, overrides: tuple[str, ...], stages: str, from_stage: str, force: tuple[str, ...]) -> None:
+    """Run the stages of one config in order, skipping finished ones (same as run_pipeline.py)."""
+    from run_pipeline import run_pipeline
+
+    config = _config(config_path, overrides)
+    run_pipeline(config, stages=[s for s in stages.split(",") if s], from_stage=from_stage, force=list(force))
+
+
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "model_path", required=True, help="Exported model folder, or a base BLIP-2 (hub id / folder).")
+@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output JSONL (appended; resumable).")
+@config_options
+@friendly_errors
+def caption(inputs: tuple[str, ...], model_path: str, out_path: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Caption video files, folders, globs or manifests (JSONL, CSV with a path column, text list).
+
+    Re-running with the same --out skips videos already captioned; unreadable videos get an
+    `error` record and never stop the run.
+    """
+    from stages.caption import caption_videos
+
+    config = _config(config_path, overrides)
+    _print_json(caption_videos(list(inputs), model_path, out_path, config))
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--merge-lora", is_flag=True, help="Merge LoRA weights into a full copy of the language model.")
+@friendly_errors
+def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
+    """Write a self-contained model folder from a run (best SCST checkpoint, else best CE)."""
+    from stages.train import export_run
+
+    click.echo(str(export_run(run_dir, out_dir, merge_lora=merge_lora)))
+
+
+@main.command("init-model")
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--preset", default="tiny-t5", show_default=True, help="tiny-t5, tiny-opt, vitg-flan-t5-xl, vitg-opt-2.7b.")
+@click.option("--vocab-from", type=click.Path(exists=True), help="Annotations whose words form the tiny tokenizer's vocabulary.")
+@click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
+@friendly_errors
+def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> None:
+    """Write a randomly initialised BLIP-2 as an ordinary Hugging Face folder (tests, demo, benchmarks)."""
+    from pipeline.testmodels import init_model as build
+
+    click.echo(str(build(out_dir, preset, vocab_from=vocab_from, seed=seed)))
+
+
+@main.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--videos", default=120, show_default=True, help="Number of videos.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the world.")
+@friendly_errors
+def synth(out_dir: str, videos: int, seed: int) -> None:
+    """Write the synthetic world: real encoded videos, splits, several captions per video."""
+    from pipeline.synth import make_synthetic_world
+
+    _print_json(make_synthetic_world(out_dir, num_videos=videos, seed=seed))
+
+
+@main.command()
+@click.argument("gts", type=click.Path(exists=True, dir_okay=False))
+@click.argument("res", type=click.Path(exists=True, dir_okay=False))
+@click.option("--impl", type=click.Choice(["coco", "fast"]), default="coco", show_default=True,
+              help="coco: pycocoevalcap (all metrics); fast: our CIDEr-D only.")
+@friendly_errors
+def score(gts: str, res: str, impl: str) -> None:
+    """Score captions RES (JSON list of {image_id|video_id, caption}) against GTS (COCO ground truth or manifest)."""
+    from pipeline.metrics import score_files
+
+    click.echo(json.dumps(score_files(gts, res, impl=impl)))
+
+
+@main.group()
+def cache() -> None:
+    """Inspect feature caches."""
+
+
+@cache.command("info")
+@click.argument("path", type=click.Path(exists=True, file_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON (videos, done, failed, fingerprint, bytes).")
+@friendly_errors
+def cache_info(path: str, as_json: bool) -> None:
+    """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk."""
+    from cache.store import FeatureStore
+
+    info = FeatureStore.open(path).info()
+    if as_json:
+        _print_json(info)
+        return
+    failed = info.get("failed", {})
+    click.echo(f"{path}: {info['done']}/{info['videos']} videos done, {len(failed)} failed, "
+               f"{info['bytes'] / 1e6:.1f} MB")
+    for key, value in info.get("fingerprint", {}).items():
+        click.echo(f"  {key}: {value}")
+    for video_id, reason in list(failed.items())[:20]:
+        click.echo(f"  failed {video_id}: {reason}")
+
+
+@main.command("config-reference")
+def config_reference() -> None:
+    """Print every config key with its default and meaning (Markdown)."""
+    from pipeline.config import config_reference as reference
+
+    click.echo(reference())
+
+
+@main.command("show-config")
+@config_options
+@friendly_errors
+def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
+    """Print the fully resolved config (defaults + file + overrides) after validation."""
+    import yaml
+
+    click.echo(yaml.safe_dump(_config(config_path, overrides).to_dict(), sort_keys=False))
+
+
+if __name__ == "__main__":
+    main()

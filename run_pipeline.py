@@ -1,0 +1,123 @@
+"""Run the stages of one config in order: extract -> train -> scst -> eval.
+
+    python run_pipeline.py --config configs/demo.yaml
+    python run_pipeline.py --config configs/msrvtt_t5xl_ce.yaml --stages extract,train --set train.epochs=3
+    torchrun --nproc_per_node 8 run_pipeline.py --config configs/msrvtt_t5xl_scst.yaml --stages train,scst
+
+A stage whose `DONE.json` fingerprint matches the config is skipped; a stage that was cut
+off resumes from its own checkpoints; a finished stage whose settings changed is refused
+unless named in `--force`. At the end, `<run.output_dir>/summary.json` records what ran,
+how long each stage took and the evaluation metrics of every evaluated model.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import STAGES, Config, ConfigError, stage_fingerprint
+from pipeline.stage import atomic_write_json, read_done
+
+# Only the training stages run data-parallel; the others shard work through Dask instead.
+DISTRIBUTED_STAGES = ("train", "scst")
+METRIC_COLUMNS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
+
+
+def run_pipeline(config: Config, stages: list[str] | None = None, from_stage: str = "",
+                 force: list[str] | None = None) -> dict[str, Any]:
+    """Run the selected stages of `config` in order and write `summary.json`; returns it."""
+    order = _select_stages(config, stages or [], from_stage)
+    force = force or []
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    master = int(os.environ.get("RANK", "0")) == 0
+    if world_size > 1 and set(order) - set(DISTRIBUTED_STAGES):
+        raise ConfigError(f"under torchrun only {', '.join(DISTRIBUTED_STAGES)} run data-parallel; "
+                          f"run {', '.join(s for s in order if s not in DISTRIBUTED_STAGES)} without torchrun "
+                          "or pass --stages train,scst")
+    if config.run.prepare == "demo" and master:
+        prepare_demo(config)
+
+    ran: dict[str, Any] = {}
+    for name in order:
+        previous = read_done(config, name)
+        skipped = previous is not None and previous.get("fingerprint") == stage_fingerprint(config, name) \
+            and name not in force and "all" not in force
+        started = time.time()
+        stage = importlib.import_module(f"stages.{name}")
+        summary = stage.run(config, force=name in force or "all" in force)
+        ran[name] = {"status": "skipped" if skipped else "ran", "seconds": round(time.time() - started, 2),
+                     "summary": summary}
+
+    result = {"config": config.source, "output_dir": str(config.output_dir), "stages": ran,
+              "metrics": collect_metrics(config)}
+    if master:
+        atomic_write_json(config.output_dir / "summary.json", result)
+        print(format_summary(result), file=sys.stderr)
+    return result
+
+
+def _select_stages(config: Config, stages: list[str], from_stage: str) -> list[str]:
+    order = list(stages or config.run.stages)
+    for name in order + ([from_stage] if from_stage else []):
+        if name not in STAGES:
+            raise ConfigError(f"unknown stage {name!r}; stages are {', '.join(STAGES)}")
+    if from_stage:
+        if from_stage not in order:
+            raise ConfigError(f"--from {from_stage}: not among the stages to run ({', '.join(order)})")
+        order = order[order.index(from_stage):]
+    return order
+
+
+def collect_metrics(config: Config) -> dict[str, dict[str, float]]:
+    """Metrics of every model the eval stage scored: {"zero_shot": {...}, "ce": {...}, "scst": {...}}."""
+    metrics: dict[str, dict[str, float]] = {}
+    eval_dir = config.stage_dir("eval")
+    for path in sorted(eval_dir.glob("*/metrics.json")) if eval_dir.exists() else []:
+        metrics[path.parent.name] = json.loads(path.read_text())
+    return metrics
+
+
+def format_summary(result: dict[str, Any]) -> str:
+    lines = [f"run: {result['output_dir']}"]
+    for name, info in result["stages"].items():
+        lines.append(f"  {name:<8} {info['status']:<8} {info['seconds']:>8.1f} s")
+    if result["metrics"]:
+        lines.append("")
+        lines.append(f"  {'model':<12}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS))
+        for model, values in result["metrics"].items():
+            cells = "".join(f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in METRIC_COLUMNS)
+            lines.append(f"  {model:<12}{cells}")
+        lines.append("  (scores x 100, as papers report them)")
+    return "\n".join(lines)
+
+
+def prepare_demo(config: Config) -> None:
+    """Build the demo's synthetic world and tiny model where the config expects them, if missing."""
+    annotations = Path(config.data.annotations)
+    if not annotations.exists():
+        from pipeline.synth import make_synthetic_world
+
+        print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)
+        make_synthetic_world(annotations.parent, seed=config.run.seed)
+    model_dir = Path(config.model.pretrained)
+    if not (model_dir / "config.json").exists():
+        from pipeline.testmodels import init_model
+
+        preset = "tiny-opt" if "opt" in model_dir.name else "tiny-t5"
+        print(f"demo: writing a tiny random {preset} BLIP-2 to {model_dir}", file=sys.stderr)
+        init_model(model_dir, preset, vocab_from=annotations, seed=config.run.seed)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.cli import run
+
+    run.main(args=argv, prog_name="run_pipeline.py")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,53 @@
+"""Stage bookkeeping: DONE.json, skipping, refusing changed settings, forcing, atomic writes."""
+
+import json
+
+import pytest
+
+from pipeline.config import config_from_dict
+from pipeline.stage import Stage, StageError, atomic_write_json, read_done
+
+
+def _config(tmp_path, **train):
+    return config_from_dict({"run": {"output_dir": str(tmp_path / "run")}, "train": train})
+
+
+def test_finish_then_skip(tmp_path):
+    config = _config(tmp_path)
+    stage = Stage(config, "train")
+    assert not stage.done
+    stage.finish({"best_cider": 0.5})
+    done = read_done(config, "train")
+    assert done["fingerprint"] == stage.fingerprint and done["summary"]["best_cider"] == 0.5
+    again = Stage(config, "train")
+    assert again.done and again.summary["best_cider"] == 0.5
+    assert (tmp_path / "run/train/log.txt").read_text().count("skipping") == 1
+
+
+def test_changed_settings_are_refused_with_the_difference(tmp_path):
+    Stage(_config(tmp_path), "train").finish({})
+    with pytest.raises(StageError) as err:
+        Stage(_config(tmp_path, lr=1e-4), "train")
+    assert "train.lr: 5e-05 -> 0.0001" in str(err.value) and "--force" in str(err.value)
+
+
+def test_force_redoes_and_can_start_fresh(tmp_path):
+    Stage(_config(tmp_path), "extract").finish({})
+    (tmp_path / "run/extract/partial.bin").write_bytes(b"x")
+    stage = Stage(_config(tmp_path), "extract", force=True, fresh_on_force=True)
+    assert not stage.done
+    assert not (tmp_path / "run/extract/partial.bin").exists()
+    assert read_done(_config(tmp_path), "extract") is None
+
+
+def test_unfinished_stage_has_no_done_file(tmp_path):
+    stage = Stage(_config(tmp_path), "eval")
+    assert not (stage.dir / "DONE.json").exists()
+    assert json.loads((stage.dir / "config.json").read_text())["run"]["output_dir"].endswith("run")
+
+
+def test_atomic_write_leaves_no_temporary_files(tmp_path):
+    atomic_write_json(tmp_path / "a.json", {"x": 1})
+    atomic_write_json(tmp_path / "a.json", {"x": 2})
+    assert json.loads((tmp_path / "a.json").read_text()) == {"x": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
