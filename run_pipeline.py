@@ -99,7 +99,7 @@ def format_summary(result: dict[str, Any]) -> str:
 def prepare_demo(config: Config) -> None:
     """Build the demo's synthetic world and tiny model where the config expects them, if missing."""
     annotations = Path(config.data.annotations)
-    if not annotations.exists():
+    if not (annotations.parent / "summary.json").exists():  # written last: the world is complete
         from pipeline.synth import make_synthetic_world
 
         print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)

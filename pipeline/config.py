@@ -131,8 +131,8 @@ class CacheConfig:
     """Zarr store of ViT tokens (empty: `<run.output_dir>/extract/features.zarr`)."""
     train_views: int = 0
     """Augmented training views stored per video besides the evaluation view 0."""
-    codec: str = "zstd"
-    """Chunk compressor: `zstd`, `lz4`, `blosc-zstd`, `blosc-lz4` or `none`."""
+    codec: str = "blosc-zstd"
+    """Chunk compressor: `blosc-zstd` (byte shuffle + zstd: ~14% smaller than raw fp16), `zstd`, `lz4`, `blosc-lz4`, `none`."""
     codec_level: int = 3
     """Compression level of the codec."""
 
