@@ -1,0 +1,524 @@
+"""The video model: a pretrained BLIP-2 that reads T frames instead of one image.
+
+    frames (B, T, 3, S, S) -> frozen ViT per frame -> frame_tokens (B, T, L, D)   [or from the cache]
+        -> (+ temporal embedding per frame) -> fuse: concat (B, T*L, D) or mean (B, L, D)
+        -> Q-Former (Q learned queries cross-attend to all fused tokens) -> (B, Q, 768)
+        -> language_projection -> (B, Q, H) -> language model with the prompt -> caption
+
+Everything is a submodule of transformers' `Blip2ForConditionalGeneration`; this file only
+adds frame fusion, temporal embeddings, LoRA, and calls the language model directly with
+`inputs_embeds` (bypassing transformers 5's image-placeholder-token mechanism). Every detail
+that depends on the LM flavour (T5 encoder-decoder vs OPT decoder-only) or on the transformers
+version lives in one section below, "Flavour- and version-sensitive details".
+
+Export format (`save_trained` / `from_trained`), one folder:
+* `video_model.json`: the base `pretrained` reference and every `ModelConfig` setting;
+* `trained.safetensors`: trained weights that are not LoRA (Q-Former, query tokens, projection,
+  temporal embeddings, the whole LLM when `llm=full`), named as in `trainable_state_dict`;
+* `lora/`: a peft adapter folder (`adapter_config.json`, `adapter_model.safetensors`) that
+  `peft.PeftModel.from_pretrained(language_model, "lora")` opens;
+* with `merge_lora=True` instead: a full Hugging Face BLIP-2 folder (LoRA merged into the LLM,
+  trained Q-Former in place, tokenizer) plus `video_model.json` (and temporal embeddings).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from transformers import AutoTokenizer, Blip2ForConditionalGeneration, GenerationConfig
+
+from pipeline.config import ModelConfig
+
+EXPORT_FILE = "video_model.json"
+TRAINED_WEIGHTS = "trained.safetensors"
+LORA_DIR = "lora"
+EXPORT_FORMAT = 1
+
+# ModelConfig's LoRA targets are written T5-style (`q`, `v`) by default; OPT names the same
+# projections `q_proj`, `v_proj`, `k_proj`, `out_proj`. Names are mapped to the flavour at hand;
+# names not in these tables are used as given.
+_OPT_LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
+_T5_LORA_NAMES = {v: k for k, v in _OPT_LORA_NAMES.items()}
+
+
+@dataclass
+class GenerationOutput:
+    texts: list[str]
+    """(B * num_return_sequences) decoded captions, video-major."""
+    token_ids: Tensor
+    """(B * num_return_sequences, S) caption token ids (no prompt, no decoder start), EOS then pad."""
+    logprobs: Tensor | None = None
+    """(B * num_return_sequences,) the model's summed log-probs through EOS (`output_logprobs=True`)."""
+
+
+class VideoCaptioner(nn.Module):
+    """BLIP-2 over T frames. `frame_tokens` are always (B, T, L, D): the ViT's last hidden state."""
+
+    def __init__(
+        self,
+        blip: Blip2ForConditionalGeneration,
+        tokenizer: Any,
+        model_cfg: ModelConfig,
+        pretrained: str,
+        device: torch.device,
+        adapter_dir: Path | None = None,
+    ) -> None:
+        super().__init__()
+        config = blip.config
+        self.cfg = model_cfg
+        self.pretrained = str(pretrained)
+        self.blip = blip
+        self.tokenizer = tokenizer
+        self.decoder_only = bool(config.use_decoder_only_language_model)
+        self.num_query_tokens = config.num_query_tokens
+        self.vision_width = config.vision_config.hidden_size
+        self.patch_size = config.vision_config.patch_size
+        self.tokens_per_frame = (model_cfg.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+        self.compute_dtype = _compute_dtype(model_cfg, device)
+        self.temporal_embeddings = (
+            nn.Parameter(torch.zeros(model_cfg.num_frames, self.vision_width))
+            if model_cfg.temporal_embeddings
+            else None
+        )  # (T, D), zero so the pretrained model is unchanged at step 0
+        self._prepare_tokens()
+        self._place(device)
+        if model_cfg.llm == "lora":
+            self._add_lora(adapter_dir)
+        self._set_trainable()
+        self.train(False)
+
+    # -----------------------------------------------------------------------------------
+    # Loading
+    # -----------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        pretrained: str | Path,
+        model_cfg: ModelConfig,
+        load_vision: bool = True,
+        device: str | torch.device | None = None,
+    ) -> VideoCaptioner:
+        """Load a BLIP-2 (hub id or folder) and its tokenizer; `load_vision=False` drops the ViT."""
+        return cls._load(pretrained, model_cfg, load_vision, device)
+
+    @classmethod
+    def _load(
+        cls,
+        pretrained: str | Path,
+        model_cfg: ModelConfig,
+        load_vision: bool,
+        device: str | torch.device | None,
+        adapter_dir: Path | None = None,
+    ) -> VideoCaptioner:
+        # fp32 weights are loaded exactly; frozen parts are cast down later (`_place`).
+        blip = Blip2ForConditionalGeneration.from_pretrained(str(pretrained), dtype=torch.float32)
+        if not load_vision:
+            blip.vision_model = None  # training from the cache never needs the ViT
+        tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+        device = torch.device(device or "cpu")
+        return cls(blip, tokenizer, model_cfg, str(pretrained), device, adapter_dir)
+
+    @property
+    def device(self) -> torch.device:
+        return self.blip.query_tokens.device
+
+    @property
+    def language_model(self) -> nn.Module:
+        """The transformers LM (LoRA layers injected in place when `llm=lora`)."""
+        lm = self.blip.language_model
+        return lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+
+    def _add_lora(self, adapter_dir: Path | None) -> None:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        lm = self.blip.language_model
+        if adapter_dir is not None:
+            self.blip.language_model = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=True)
+            return
+        names = _T5_LORA_NAMES if not self.decoder_only else _OPT_LORA_NAMES
+        targets = sorted({names.get(t, t) for t in self.cfg.lora_target_modules})
+        present = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
+        missing = [t for t in targets if t not in present]
+        if missing:
+            raise ValueError(f"model.lora_target_modules: no module named {missing} in {type(lm).__name__}")
+        lora = LoraConfig(
+            r=self.cfg.lora_r,
+            lora_alpha=self.cfg.lora_alpha,
+            lora_dropout=self.cfg.lora_dropout,
+            target_modules=targets,
+        )
+        self.blip.language_model = get_peft_model(lm, lora)
+
+    def _set_trainable(self) -> None:
+        """Q-Former, query tokens, projection, temporal embeddings; plus LoRA or the whole LLM."""
+        self.requires_grad_(False)
+        self.blip.qformer.requires_grad_(True)
+        self.blip.query_tokens.requires_grad_(True)
+        self.blip.language_projection.requires_grad_(True)
+        if self.temporal_embeddings is not None:
+            self.temporal_embeddings.requires_grad_(True)
+        if self.cfg.llm == "full":
+            self.blip.language_model.requires_grad_(True)
+        elif self.cfg.llm == "lora":
+            for name, param in self.blip.language_model.named_parameters():
+                param.requires_grad_("lora_" in name)
+
+    def train(self, mode: bool = True) -> VideoCaptioner:
+        super().train(mode)
+        if self.blip.vision_model is not None:
+            self.blip.vision_model.eval()  # frozen, always in eval mode
+        return self
+
+    # -----------------------------------------------------------------------------------
+    # Frames -> query outputs
+    # -----------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def encode_frames(self, pixel_values: Tensor) -> Tensor:
+        """(B, T, 3, S, S) normalised frames -> (B, T, L, D) ViT tokens (post-layernorm)."""
+        vit = self.blip.vision_model
+        if vit is None:
+            raise RuntimeError("this VideoCaptioner was loaded with load_vision=False: it has no ViT")
+        b, t = pixel_values.shape[:2]
+        x = pixel_values.flatten(0, 1).to(self.device, vit.embeddings.patch_embedding.weight.dtype)
+        # Frames larger than the ViT was trained on (e.g. 364 px): interpolate position embeddings.
+        resize = x.shape[-1] != self.blip.config.vision_config.image_size
+        with self._autocast():
+            tokens = vit(pixel_values=x, interpolate_pos_encoding=resize).last_hidden_state  # (B*T, L, D)
+        return tokens.unflatten(0, (b, t))
+
+    def fuse_frame_tokens(self, frame_tokens: Tensor) -> Tensor:
+        """(B, T, L, D) -> (B, T*L, D) with frame 0 first (concat) or (B, L, D) (mean)."""
+        b, t, length, width = frame_tokens.shape
+        if width != self.vision_width or length != self.tokens_per_frame:
+            raise ValueError(
+                f"frame tokens have L={length}, D={width}; this model expects L={self.tokens_per_frame} "
+                f"(image_size {self.cfg.image_size}, patch {self.patch_size}) and D={self.vision_width}"
+            )
+        x = frame_tokens.to(self.device, torch.float32)  # the cache is float16; the Q-Former is fp32
+        if self.temporal_embeddings is not None:
+            if t > self.temporal_embeddings.shape[0]:
+                raise ValueError(
+                    f"{t} frames but temporal embeddings for model.num_frames={self.cfg.num_frames}"
+                )
+            x = x + self.temporal_embeddings[:t, None, :]  # (B, T, L, D)
+        if self.cfg.fusion == "mean":
+            return x.mean(dim=1)  # (B, L, D)
+        return x.reshape(b, t * length, width)  # (B, T*L, D)
+
+    def query_outputs(self, frame_tokens: Tensor) -> Tensor:
+        """(B, T, L, D) -> (B, Q, H_llm): the projected Q-Former outputs that prefix the LM input."""
+        visual = self.fuse_frame_tokens(frame_tokens)  # (B, N, D)
+        mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)  # no padding among frames
+        queries = self.blip.query_tokens.expand(visual.shape[0], -1, -1)  # (B, Q, 768)
+        with self._autocast():
+            out = self.blip.qformer(
+                query_embeds=queries, encoder_hidden_states=visual, encoder_attention_mask=mask
+            )
+            return self.blip.language_projection(out.last_hidden_state)  # (B, Q, H)
+
+    # -----------------------------------------------------------------------------------
+    # Objectives and decoding
+    # -----------------------------------------------------------------------------------
+
+    def forward(
+        self,
+        frame_tokens: Tensor,
+        captions: list[str] | None = None,
+        token_ids: Tensor | None = None,
+        repeats: int = 1,
+    ) -> Tensor:
+        """`ce_loss` when given captions, else `sequence_logprobs` (DDP only syncs through forward)."""
+        if captions is not None:
+            return self.ce_loss(frame_tokens, captions)
+        if token_ids is None:
+            raise ValueError("forward needs captions (CE loss) or token_ids (sequence log-probs)")
+        return self.sequence_logprobs(frame_tokens, token_ids, repeats)
+
+    def ce_loss(self, frame_tokens: Tensor, captions: list[str]) -> Tensor:
+        """Mean token cross-entropy of the captions (+ EOS) given [queries; prompt]."""
+        ids, mask = self._tokenize_captions(captions)
+        logp = self._caption_token_logprobs(self.query_outputs(frame_tokens), ids, mask)  # (B, N)
+        return -(logp * mask).sum() / mask.sum()
+
+    def sequence_logprobs(self, frame_tokens: Tensor, token_ids: Tensor, repeats: int = 1) -> Tensor:
+        """(B*repeats,) summed log-probs of each caption's tokens through its first EOS, with grad.
+
+        `token_ids` (B*repeats, S) as `generate` returns them, video-major (`repeats` samples per
+        video); queries are computed once per video and expanded.
+        """
+        queries = self.query_outputs(frame_tokens).repeat_interleave(repeats, dim=0)  # (B*k, Q, H)
+        ids = token_ids.to(self.device)
+        mask = _through_first(ids, self.tokenizer.eos_token_id)
+        return (self._caption_token_logprobs(queries, ids, mask) * mask).sum(dim=1)
+
+    @torch.no_grad()
+    def generate(
+        self,
+        frame_tokens: Tensor,
+        num_beams: int = 5,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 5,
+        do_sample: bool = False,
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        num_return_sequences: int = 1,
+        output_logprobs: bool = False,
+    ) -> GenerationOutput:
+        """Captions for each video: beam search, greedy (`num_beams=1`) or sampling (`do_sample=True`)."""
+        if output_logprobs and num_beams != 1:
+            raise ValueError("output_logprobs needs num_beams=1 (greedy or sampling)")
+        sampling = dict(temperature=temperature, top_k=top_k, top_p=top_p) if do_sample else {}
+        config = GenerationConfig(
+            num_beams=num_beams,
+            max_new_tokens=max_new_tokens,
+            min_new_tokens=min_new_tokens,
+            do_sample=do_sample,
+            num_return_sequences=num_return_sequences,
+            return_dict_in_generate=True,
+            output_logits=output_logprobs,
+            **sampling,
+        )
+        out = self._generate(self._prefix_embeds(self.query_outputs(frame_tokens)), config)
+        ids = out.sequences
+        if not self.decoder_only:
+            ids = ids[:, 1:]  # drop the decoder start token
+        mask = _through_first(ids, self.tokenizer.eos_token_id)
+        ids = ids.masked_fill(~mask, self.tokenizer.pad_token_id)
+        texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
+        logprobs = None
+        if output_logprobs:
+            logits = torch.stack(out.logits, dim=1).float()  # (N, S, V) raw, before temperature etc.
+            token = logits.log_softmax(-1).gather(-1, ids[..., None]).squeeze(-1)
+            logprobs = (token * mask).sum(dim=1)
+        return GenerationOutput(texts=texts, token_ids=ids, logprobs=logprobs)
+
+    # -----------------------------------------------------------------------------------
+    # Flavour- and version-sensitive details: T5 vs decoder-only inputs, special tokens,
+    # padding, dtype rules. Checked against the plain transformers forward in the tests.
+    # -----------------------------------------------------------------------------------
+
+    def _prepare_tokens(self) -> None:
+        tok = self.tokenizer
+        if tok.pad_token_id is None:  # e.g. LLaMA-style tokenizers; masked out everywhere anyway
+            tok.pad_token = tok.eos_token
+        # Decoder-only: generation is left-padded. Our prefixes never need padding (same prompt
+        # for every video, fixed query count), but anything batching prompts through this
+        # tokenizer must pad left.
+        tok.padding_side = "left" if self.decoder_only else "right"
+        # The prompt is tokenised with the tokenizer's own special tokens, as the BLIP-2
+        # processor and LAVIS do: T5 "a video of</s>", OPT "</s>a video of".
+        prompt = tok(self.cfg.prompt, add_special_tokens=True).input_ids
+        self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
+        lm_config = self.blip.config.text_config
+        self.decoder_start_token_id = None if self.decoder_only else lm_config.decoder_start_token_id
+
+    def _tokenize_captions(self, captions: list[str]) -> tuple[Tensor, Tensor]:
+        """Captions -> ids (B, N) = at most max_caption_tokens-1 tokens + EOS, right-padded; mask (B, N)."""
+        # Decoder-only BPE tokenizers (OPT/GPT-2) mark word starts with a space: the caption
+        # follows the prompt, so it starts with one. Whitespace-split tokenizers ignore it.
+        texts = [(" " + c) if self.decoder_only else c for c in captions]
+        limit = max(self.cfg.max_caption_tokens - 1, 0)
+        rows = [
+            ids[:limit] + [self.tokenizer.eos_token_id]
+            for ids in self.tokenizer(texts, add_special_tokens=False).input_ids
+        ]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = True
+        return ids.to(self.device), mask.to(self.device)
+
+    def _prefix_embeds(self, queries: Tensor) -> Tensor:
+        """(B, Q, H) -> (B, Q+P, H): [projected queries ; prompt token embeddings]."""
+        embed = self.language_model.get_input_embeddings()
+        prompt = embed(self.prompt_ids)[None].expand(queries.shape[0], -1, -1)  # (B, P, H)
+        return torch.cat([queries.to(prompt.dtype), prompt], dim=1)
+
+    def _caption_token_logprobs(self, queries: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+        """Teacher-forced log p(ids[:, j] | video, prompt, ids[:, :j]) per token: (B, N)."""
+        lm = self.language_model
+        prefix = self._prefix_embeds(queries)  # (B, Q+P, H)
+        b, n = ids.shape
+        with self._autocast():
+            if self.decoder_only:  # OPT: one sequence [queries ; prompt ; caption], right-padded
+                inputs = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
+                attention = torch.cat(
+                    [torch.ones(prefix.shape[:2], dtype=torch.long, device=ids.device), mask.long()], 1
+                )
+                logits = lm(inputs_embeds=inputs, attention_mask=attention).logits
+                logits = logits[:, prefix.shape[1] - 1 : -1]  # the positions that predict the caption
+            else:  # T5: encoder reads [queries ; prompt]; decoder reads <start> + caption shifted right
+                start = torch.full((b, 1), self.decoder_start_token_id, dtype=torch.long, device=ids.device)
+                shifted = ids[:, :-1].masked_fill(~mask[:, :-1], self.tokenizer.pad_token_id)
+                attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=ids.device)
+                logits = lm(
+                    inputs_embeds=prefix,
+                    attention_mask=attention,
+                    decoder_input_ids=torch.cat([start, shifted], dim=1),
+                ).logits
+        # (B, N, V) -> per-token log-prob of the target, in fp32
+        return -nn.functional.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
+
+    def _generate(self, prefix: Tensor, config: GenerationConfig) -> Any:
+        """Run transformers' generate from [queries ; prompt] embeddings only.
+
+        T5: the embeddings are the encoder input; sequences start with the decoder start token.
+        Decoder-only: given `inputs_embeds` and no `input_ids`, sequences hold only new tokens.
+        """
+        config.eos_token_id = self.tokenizer.eos_token_id
+        config.pad_token_id = self.tokenizer.pad_token_id
+        if not self.decoder_only:
+            config.decoder_start_token_id = self.decoder_start_token_id
+        attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        with self._autocast():
+            return self.language_model.generate(
+                inputs_embeds=prefix, attention_mask=attention, generation_config=config
+            )
+
+    def _place(self, device: torch.device) -> None:
+        """dtype rules: trainable parts (Q-Former, queries, projection, temporal, LLM when full)
+        keep fp32 master weights; with bf16 compute the frozen ViT and LLM are stored in bf16 and
+        everything runs under bf16 autocast (never fp16: T5 overflows in fp16)."""
+        if self.compute_dtype == torch.bfloat16:
+            if self.blip.vision_model is not None:
+                self.blip.vision_model.to(torch.bfloat16)
+            if self.cfg.llm != "full":
+                self.blip.language_model.to(torch.bfloat16)  # LoRA weights added later stay fp32 (peft)
+        self.to(device)
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.compute_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+
+    # -----------------------------------------------------------------------------------
+    # Trained weights and the export format
+    # -----------------------------------------------------------------------------------
+
+    def trainable_state_dict(self) -> dict[str, Tensor]:
+        """Exactly the trainable parameters, by name (detached)."""
+        return {name: p.detach() for name, p in self.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, Tensor]) -> None:
+        """Copy a `trainable_state_dict` in; the key sets must match exactly."""
+        params = {name: p for name, p in self.named_parameters() if p.requires_grad}
+        _check_keys(set(state), set(params), "trainable state")
+        with torch.no_grad():
+            for name, value in state.items():
+                params[name].copy_(value)
+
+    def save_trained(self, out_dir: str | Path, merge_lora: bool = False) -> Path:
+        """Write the export folder (see the module docstring); returns it."""
+        from safetensors.torch import save_file
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        settings = dataclasses.asdict(self.cfg)
+        settings["pretrained"] = self.pretrained
+        lora = self.cfg.llm == "lora" and not merge_lora
+        if merge_lora:
+            self._save_full_copy(out)
+            if self.cfg.llm == "lora":
+                settings["llm"] = "frozen"  # the LoRA update now lives in the LLM weights
+            weights = (
+                {"temporal_embeddings": self.temporal_embeddings}
+                if self.temporal_embeddings is not None
+                else {}
+            )
+        else:
+            weights = {k: v for k, v in self.trainable_state_dict().items() if "lora_" not in k}
+        if lora:
+            self.blip.language_model.save_pretrained(str(out / LORA_DIR))
+        save_file({k: v.detach().contiguous().cpu() for k, v in weights.items()}, str(out / TRAINED_WEIGHTS))
+        meta = {
+            "format": EXPORT_FORMAT,
+            "pretrained": self.pretrained,
+            "merged": merge_lora,
+            "lora": LORA_DIR if lora else None,
+            "weights": TRAINED_WEIGHTS,
+            "model": settings,
+        }
+        (out / EXPORT_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        return out
+
+    def _save_full_copy(self, out: Path) -> None:
+        """A plain BLIP-2 folder with this model's Q-Former/projection and the LoRA merged in."""
+        blip = self.blip
+        lm, own_vision = blip.language_model, blip.vision_model
+        merged = copy.deepcopy(lm).merge_and_unload() if self.cfg.llm == "lora" else lm  # self stays as is
+        vision = own_vision
+        if vision is None:  # dropped at load time: take the (frozen, unchanged) ViT from the base again
+            vision = Blip2ForConditionalGeneration.from_pretrained(
+                self.pretrained, dtype=torch.float32
+            ).vision_model
+        try:
+            blip.language_model, blip.vision_model = merged, vision
+            blip.save_pretrained(str(out))
+        finally:
+            blip.language_model, blip.vision_model = lm, own_vision
+        self.tokenizer.save_pretrained(str(out))
+
+    @classmethod
+    def from_trained(
+        cls, folder: str | Path, device: str | torch.device | None = None, load_vision: bool = True
+    ) -> VideoCaptioner:
+        """Open an export folder written by `save_trained`."""
+        from safetensors.torch import load_file
+
+        folder = Path(folder)
+        meta = json.loads((folder / EXPORT_FILE).read_text())
+        if meta.get("format") != EXPORT_FORMAT:
+            raise ValueError(f"{folder / EXPORT_FILE}: unsupported export format {meta.get('format')!r}")
+        known = {f.name for f in dataclasses.fields(ModelConfig)}
+        model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+        # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
+        base = str(folder) if meta["merged"] else meta["pretrained"]
+        model_cfg.pretrained = base
+        adapter = folder / meta["lora"] if meta["lora"] else None
+        model = cls._load(base, model_cfg, load_vision, device, adapter_dir=adapter)
+        weights = load_file(str(folder / meta["weights"]), device=str(model.device))
+        if meta["merged"]:
+            expected = {"temporal_embeddings"} if model.temporal_embeddings is not None else set()
+        else:
+            expected = {k for k in model.trainable_state_dict() if "lora_" not in k}
+        _check_keys(set(weights), expected, str(folder / meta["weights"]))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name, value in weights.items():
+                params[name].copy_(value)
+        return model
+
+
+def _compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
+    """None: plain fp32. bf16 autocast on CUDA by default; never fp16 (T5 overflows)."""
+    if model_cfg.dtype == "bfloat16" or (model_cfg.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def _through_first(ids: Tensor, eos_id: int) -> Tensor:
+    """(N, S) bool: True up to and including each row's first EOS (all True when it has none)."""
+    is_eos = (ids == eos_id).long()
+    return (is_eos.cumsum(dim=1) - is_eos) == 0
+
+
+def _check_keys(got: set[str], expected: set[str], what: str) -> None:
+    missing, unexpected = sorted(expected - got), sorted(got - expected)
+    if missing or unexpected:
+        raise KeyError(
+            f"{what}: missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+            f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}"
+        )

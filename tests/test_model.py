@@ -1,0 +1,382 @@
+"""The video model on tiny random BLIP-2s (T5 and OPT flavours): fusion, equivalence with the
+plain transformers forward, decoding, gradients, trainable sets, and the export format."""
+
+import dataclasses
+
+import pytest
+import torch
+from transformers import AutoTokenizer, Blip2ForConditionalGeneration
+
+from pipeline.config import ModelConfig
+from pipeline.model import EXPORT_FILE, LORA_DIR, VideoCaptioner
+from pipeline.testmodels import IMAGE_TOKEN, init_model
+
+CAPTIONS = ["a man is walking", "a dog runs across the road to the kitchen"]
+FLAVOURS = ("tiny-t5", "tiny-opt")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny models run ~20x faster on one thread than with OpenMP spinning on a busy machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    return {p: str(init_model(root / p, p, seed=1)) for p in FLAVOURS}
+
+
+def make(folder, load_vision=True, **settings) -> VideoCaptioner:
+    cfg = ModelConfig(pretrained=folder, image_size=32, **{"num_frames": 3, **settings})
+    return VideoCaptioner.from_pretrained(folder, cfg, load_vision=load_vision)
+
+
+def tokens(b=2, t=3, seed=0):
+    return torch.randn(b, t, 17, 32, generator=torch.Generator().manual_seed(seed))  # (B, T, L, D)
+
+
+def perturb(model, seed=0):
+    """Random values in every trainable tensor (LoRA B and temporal embeddings start at zero)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.trainable_state_dict().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+
+
+# --------------------------------------------------------------------------------------------
+# Fusion
+# --------------------------------------------------------------------------------------------
+
+
+def test_concat_is_frame_order_invariant_without_temporal_embeddings(folders):
+    model = make(folders["tiny-t5"])
+    x = tokens()
+    fused = model.fuse_frame_tokens(x)
+    assert fused.shape == (2, 3 * 17, 32) and torch.equal(fused[:, :17], x[:, 0])  # frame 0 first
+    permuted = x[:, [2, 0, 1]]
+    torch.testing.assert_close(model.query_outputs(permuted), model.query_outputs(x), atol=1e-5, rtol=1e-5)
+    assert (model.query_outputs(tokens(seed=1)) - model.query_outputs(x)).abs().max() > 1e-2  # frames matter
+
+
+def test_temporal_embeddings_start_neutral_then_break_invariance(folders):
+    plain, timed = make(folders["tiny-t5"]), make(folders["tiny-t5"], temporal_embeddings=True)
+    x = tokens()
+    assert timed.temporal_embeddings.shape == (3, 32) and timed.temporal_embeddings.requires_grad
+    torch.testing.assert_close(timed.query_outputs(x), plain.query_outputs(x))  # zero init: unchanged
+    with torch.no_grad():
+        timed.temporal_embeddings.normal_(0.0, 1.0)
+    permuted = x[:, [2, 0, 1]]
+    assert (timed.query_outputs(permuted) - timed.query_outputs(x)).abs().max() > 1e-3
+
+
+def test_mean_fusion_shapes(folders):
+    model = make(folders["tiny-opt"], fusion="mean")
+    x = tokens()
+    torch.testing.assert_close(model.fuse_frame_tokens(x), x.mean(1))  # (B, L, D)
+    assert model.query_outputs(x).shape == (2, 8, 64)  # (B, Q, H_llm)
+
+
+def test_wrong_cache_shape_is_reported(folders):
+    model = make(folders["tiny-t5"])
+    assert (model.tokens_per_frame, model.vision_width, model.num_query_tokens) == (17, 32, 8)
+    with pytest.raises(ValueError, match="L=17"):
+        model.query_outputs(torch.randn(1, 3, 16, 32))
+
+
+def test_encode_frames_matches_vision_model(folders):
+    model = make(folders["tiny-t5"])
+    pixels = torch.randn(2, 3, 3, 32, 32)
+    out = model.encode_frames(pixels)
+    assert out.shape == (2, 3, 17, 32) and not out.requires_grad
+    with torch.no_grad():
+        expected = model.blip.vision_model(pixel_values=pixels[1]).last_hidden_state
+    torch.testing.assert_close(out[1], expected)
+
+
+# --------------------------------------------------------------------------------------------
+# Equivalence with plain transformers for one frame (guards against transformers upgrades)
+# --------------------------------------------------------------------------------------------
+
+
+def _hf_inputs(tok, flavour, q, prompt, captions):
+    """Build what the BLIP-2 processor would: Q `<image>` placeholders, then the text."""
+    image = [tok.convert_tokens_to_ids(IMAGE_TOKEN)] * q
+    prompt_ids = tok(prompt).input_ids  # T5: + </s>; OPT: </s> + ...
+    if flavour == "tiny-t5":
+        labels = [tok(c).input_ids for c in captions]  # caption + </s>
+        width = max(map(len, labels))
+        return {
+            "input_ids": torch.tensor([image + prompt_ids] * len(captions)),
+            "labels": torch.tensor([row + [-100] * (width - len(row)) for row in labels]),
+        }
+    rows = [
+        image + prompt_ids + tok(" " + c, add_special_tokens=False).input_ids + [tok.eos_token_id]
+        for c in captions
+    ]
+    width = max(map(len, rows))
+    prefix = len(image + prompt_ids)
+    return {
+        "input_ids": torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows]),
+        "attention_mask": torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+        "labels": torch.tensor([[-100] * prefix + r[prefix:] + [-100] * (width - len(r)) for r in rows]),
+    }
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_single_frame_ce_loss_equals_transformers_forward(folders, flavour):
+    model = make(folders[flavour], num_frames=1)
+    blip = Blip2ForConditionalGeneration.from_pretrained(folders[flavour]).eval()
+    tok = AutoTokenizer.from_pretrained(folders[flavour])
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ours = model.ce_loss(model.encode_frames(pixels[:, None]), CAPTIONS)
+        theirs = blip(pixel_values=pixels, **_hf_inputs(tok, flavour, 8, model.cfg.prompt, CAPTIONS)).loss
+    assert 2.0 < theirs.item() < 10.0
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------
+# Decoding and sequence log-probabilities
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_generate_greedy_beam_and_sampling(folders, flavour):
+    model = make(folders[flavour])
+    x = tokens()
+    tok = model.tokenizer
+    torch.manual_seed(0)  # sampling
+    for kwargs, n in [
+        (dict(num_beams=1), 2),
+        (dict(num_beams=3), 2),
+        (dict(num_beams=1, do_sample=True, num_return_sequences=3, top_p=0.9), 6),
+    ]:
+        out = model.generate(x, max_new_tokens=6, min_new_tokens=2, **kwargs)
+        assert len(out.texts) == n and out.token_ids.shape[0] == n and out.token_ids.shape[1] <= 6
+        assert out.texts == [t.strip() for t in tok.batch_decode(out.token_ids, skip_special_tokens=True)]
+        assert all(out.texts) and not out.token_ids.requires_grad
+        if flavour == "tiny-t5":  # the decoder start token is not part of the caption
+            assert not (out.token_ids[:, 0] == model.blip.config.text_config.decoder_start_token_id).all()
+    sampled = model.generate(x, num_beams=1, do_sample=True, num_return_sequences=4, max_new_tokens=6)
+    assert len(set(sampled.texts[:4])) > 1  # samples of one video differ
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_min_new_tokens_is_respected(folders, flavour):
+    model = make(folders[flavour])
+    eos = model.tokenizer.eos_token_id
+
+    def favour_eos(module, args, logits):  # make EOS the most likely token at every step
+        logits[..., eos] += 100.0
+        return logits
+
+    handle = model.language_model.get_output_embeddings().register_forward_hook(favour_eos)
+    try:
+        for beams in (1, 3):
+            eager = model.generate(tokens(), num_beams=beams, min_new_tokens=0, max_new_tokens=8)
+            assert (eager.token_ids[:, 0] == eos).all() and eager.texts == ["", ""]
+            held = model.generate(tokens(), num_beams=beams, min_new_tokens=4, max_new_tokens=8)
+            assert (held.token_ids[:, :4] != eos).all() and (held.token_ids[:, 4] == eos).all()
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_sequence_logprobs_match_generation_scores_and_carry_grad(folders, flavour):
+    model = make(folders[flavour], temporal_embeddings=True)
+    x = tokens()
+    torch.manual_seed(0)
+    greedy = model.generate(x, num_beams=1, max_new_tokens=7, min_new_tokens=2, output_logprobs=True)
+    torch.testing.assert_close(
+        model.sequence_logprobs(x, greedy.token_ids), greedy.logprobs, atol=1e-4, rtol=1e-5
+    )
+    sampled = model.generate(
+        x, num_beams=1, do_sample=True, num_return_sequences=3, max_new_tokens=7, output_logprobs=True
+    )
+    scores = model.sequence_logprobs(x, sampled.token_ids, repeats=3)
+    assert scores.shape == (6,) and (scores < 0).all()
+    torch.testing.assert_close(scores.detach(), sampled.logprobs, atol=1e-4, rtol=1e-5)
+
+    scores.sum().backward()
+    assert model.blip.qformer.layernorm.weight.grad.abs().sum() > 0
+    assert model.blip.query_tokens.grad.abs().sum() > 0 and model.temporal_embeddings.grad.abs().sum() > 0
+    assert all(p.grad is None and not p.requires_grad for p in model.blip.vision_model.parameters())
+    assert all(p.grad is None for p in model.language_model.parameters())  # frozen LLM
+
+
+def test_sequence_logprobs_stop_at_first_eos(folders):
+    model = make(folders["tiny-opt"])
+    eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
+    words = model.tokenizer("a man is walking", add_special_tokens=False).input_ids
+    ended = torch.tensor([words + [eos, pad, pad], words + [eos, 9, 10]])
+    with torch.no_grad():
+        scores = model.sequence_logprobs(tokens(b=1), ended, repeats=2)
+        unfinished = model.sequence_logprobs(tokens(b=1), torch.tensor([words]))
+    torch.testing.assert_close(scores[0], scores[1])  # tokens after EOS do not count
+    assert scores[0] < unfinished[0]  # EOS's own log-prob is included
+
+
+# --------------------------------------------------------------------------------------------
+# Trainable parameters
+# --------------------------------------------------------------------------------------------
+
+
+def _names(module, prefix):
+    return {f"{prefix}.{n}" for n, _ in module.named_parameters()}
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+@pytest.mark.parametrize("llm", ["frozen", "lora", "full"])
+def test_trainable_sets(folders, flavour, llm):
+    model = make(folders[flavour], llm=llm, temporal_embeddings=True)
+    blip = model.blip
+    always = _names(blip.qformer, "blip.qformer") | _names(
+        blip.language_projection, "blip.language_projection"
+    )
+    always |= {"blip.query_tokens", "temporal_embeddings"}
+    lm_names = _names(blip.language_model, "blip.language_model")
+    if llm == "frozen":
+        expected = always
+    elif llm == "full":
+        expected = always | lm_names
+    else:  # LoRA A and B on every q and v projection of every attention block
+        targets = ("q", "v") if flavour == "tiny-t5" else ("q_proj", "v_proj")
+        lora = {n for n in lm_names if ".lora_" in n}
+        assert lora and all(n.split(".lora_")[0].rsplit(".", 1)[-1] in targets for n in lora)
+        # T5: encoder self-attn + decoder self- and cross-attn; OPT: self-attn. 2 layers each.
+        blocks = (2 + 2 * 2) if flavour == "tiny-t5" else 2
+        assert len(lora) == blocks * len(targets) * 2
+        expected = always | lora
+    state = model.trainable_state_dict()
+    assert set(state) == expected
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == expected
+    assert not any("vision_model" in n for n in state)
+
+
+def test_lora_targets_are_mapped_and_checked(folders):
+    opt = make(folders["tiny-opt"], llm="lora", lora_target_modules=["q", "k"])
+    assert any(".k_proj.lora_A" in n for n in opt.trainable_state_dict())
+    with pytest.raises(ValueError, match="lora_target_modules"):
+        make(folders["tiny-t5"], llm="lora", lora_target_modules=["query_key_value"])
+
+
+def test_load_trainable_state_dict_round_trip_and_key_check(folders):
+    source, target = make(folders["tiny-t5"], llm="lora"), make(folders["tiny-t5"], llm="lora")
+    perturb(source)
+    x = tokens()
+    target.load_trainable_state_dict(source.trainable_state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(target.ce_loss(x, CAPTIONS), source.ce_loss(x, CAPTIONS), atol=0, rtol=0)
+    state = dict(source.trainable_state_dict())
+    state.pop("blip.query_tokens")
+    with pytest.raises(KeyError, match="query_tokens"):
+        target.load_trainable_state_dict(state)
+
+
+# --------------------------------------------------------------------------------------------
+# Export format
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_lora_adapter_is_a_peft_folder(folders, flavour, tmp_path):
+    from peft import PeftModel
+
+    model = make(folders[flavour], llm="lora")
+    perturb(model)
+    out = model.save_trained(tmp_path / "export")
+    assert (out / LORA_DIR / "adapter_config.json").exists() and (
+        out / LORA_DIR / "adapter_model.safetensors"
+    ).exists()
+    plain = Blip2ForConditionalGeneration.from_pretrained(folders[flavour]).language_model
+    peft_lm = PeftModel.from_pretrained(plain, str(out / LORA_DIR)).eval()
+    ids = torch.tensor([[3, 4, 5, 6, 7]])
+    extra = {"decoder_input_ids": ids} if flavour == "tiny-t5" else {}
+    with torch.no_grad():
+        ours = model.language_model(input_ids=ids, **extra).logits
+        theirs = peft_lm(input_ids=ids, **extra).logits
+        base = Blip2ForConditionalGeneration.from_pretrained(folders[flavour]).language_model(
+            input_ids=ids, **extra
+        )
+    torch.testing.assert_close(theirs, ours)
+    assert (base.logits - ours).abs().max() > 1e-4  # the adapter does change the LM
+
+
+@pytest.mark.parametrize("flavour, llm", [("tiny-t5", "lora"), ("tiny-opt", "lora"), ("tiny-t5", "full")])
+def test_save_trained_round_trip(folders, tmp_path, flavour, llm):
+    model = make(folders[flavour], llm=llm, temporal_embeddings=True, fusion="mean")
+    perturb(model)
+    out = model.save_trained(tmp_path / "export")
+    loaded = VideoCaptioner.from_trained(out, load_vision=False)
+    assert dataclasses.asdict(loaded.cfg) == dataclasses.asdict(model.cfg)
+    assert loaded.pretrained == folders[flavour] and (out / EXPORT_FILE).exists()
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.ce_loss(x, CAPTIONS), model.ce_loss(x, CAPTIONS), atol=0, rtol=0)
+    assert set(loaded.trainable_state_dict()) == set(model.trainable_state_dict())
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_merged_export_is_a_plain_blip2_folder(folders, tmp_path, flavour):
+    model = make(folders[flavour], llm="lora", temporal_embeddings=True, load_vision=False)
+    perturb(model)
+    out = model.save_trained(tmp_path / "merged", merge_lora=True)
+    assert not (out / LORA_DIR).exists()
+    plain = Blip2ForConditionalGeneration.from_pretrained(out)  # opens without peft
+    assert sum(p.numel() for p in plain.vision_model.parameters()) > 0
+    loaded = VideoCaptioner.from_trained(out)
+    assert loaded.cfg.llm == "frozen" and loaded.blip.vision_model is not None
+    x = tokens()
+    with torch.no_grad():
+        torch.testing.assert_close(
+            loaded.ce_loss(x, CAPTIONS), model.ce_loss(x, CAPTIONS), atol=1e-5, rtol=1e-5
+        )
+
+
+def test_load_vision_false_keeps_no_vit(folders):
+    model = make(folders["tiny-opt"], load_vision=False)
+    assert model.blip.vision_model is None
+    assert not any("vision_model" in n for n, _ in model.named_parameters())
+    assert not any("vision_model" in n for n in model.state_dict())
+    assert torch.isfinite(model.ce_loss(tokens(), CAPTIONS))  # training from the cache still works
+    with pytest.raises(RuntimeError, match="load_vision=False"):
+        model.encode_frames(torch.randn(1, 3, 3, 32, 32))
+
+
+# --------------------------------------------------------------------------------------------
+# dtype rules
+# --------------------------------------------------------------------------------------------
+
+
+def test_bf16_keeps_trainables_fp32_and_vit_in_eval(folders):
+    model = make(folders["tiny-t5"], llm="lora", dtype="bfloat16", temporal_embeddings=True)
+    assert model.compute_dtype == torch.bfloat16
+    assert model.blip.vision_model.embeddings.patch_embedding.weight.dtype == torch.bfloat16
+    assert model.language_model.get_input_embeddings().weight.dtype == torch.bfloat16  # frozen base
+    assert {p.dtype for p in model.trainable_state_dict().values()} == {torch.float32}  # incl. LoRA
+    model.train()
+    assert model.blip.qformer.training and not model.blip.vision_model.training
+    loss = model(tokens().half(), CAPTIONS)  # forward = ce_loss; float16 tokens as in the cache
+    loss.backward()
+    assert torch.isfinite(loss) and model.blip.query_tokens.grad.dtype == torch.float32
+    ids = model.generate(tokens(), num_beams=2, max_new_tokens=4, min_new_tokens=1).token_ids
+    assert model(tokens(), token_ids=ids).shape == (2,)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_cuda_defaults_to_bf16_autocast(folders, flavour):
+    cfg = ModelConfig(pretrained=folders[flavour], image_size=32, num_frames=3, llm="lora")
+    model = VideoCaptioner.from_pretrained(folders[flavour], cfg, device="cuda")
+    assert model.compute_dtype == torch.bfloat16 and model.device.type == "cuda"
+    frames = model.encode_frames(torch.randn(2, 3, 3, 32, 32, device="cuda"))
+    model.ce_loss(frames.half(), CAPTIONS).backward()
+    assert model.blip.qformer.layernorm.weight.grad is not None
+    out = model.generate(frames, num_beams=1, max_new_tokens=5, output_logprobs=True)
+    torch.testing.assert_close(
+        model.sequence_logprobs(frames, out.token_ids).float(), out.logprobs, atol=0.1, rtol=0.05
+    )
