@@ -22,6 +22,7 @@ from typing import Any
 
 from pipeline.config import STAGES, Config, ConfigError, stage_fingerprint
 from pipeline.stage import atomic_write_json, read_done
+from pipeline.tinypretrain import PRETRAIN_FILE
 
 # Only the training stages run data-parallel; the others shard work through Dask instead.
 DISTRIBUTED_STAGES = ("train", "scst")
@@ -105,12 +106,15 @@ def prepare_demo(config: Config) -> None:
         print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)
         make_synthetic_world(annotations.parent, seed=config.run.seed)
     model_dir = Path(config.model.pretrained)
-    if not (model_dir / "config.json").exists():
+    if not (model_dir / PRETRAIN_FILE).exists():  # written last: the model is complete
         from pipeline.testmodels import init_model
+        from pipeline.tinypretrain import pretrain_tiny_model
 
         preset = "tiny-opt" if "opt" in model_dir.name else "tiny-t5"
-        print(f"demo: writing a tiny random {preset} BLIP-2 to {model_dir}", file=sys.stderr)
+        print(f"demo: writing a tiny random {preset} BLIP-2 to {model_dir} and pretraining it "
+              "on single synthetic frames (as BLIP-2 was pretrained on images)", file=sys.stderr)
         init_model(model_dir, preset, vocab_from=annotations, seed=config.run.seed)
+        pretrain_tiny_model(model_dir, image_size=config.model.image_size, seed=config.run.seed)
 
 
 def main(argv: list[str] | None = None) -> None:
