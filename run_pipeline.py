@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import STAGES, Config, ConfigError, stage_fingerprint
+from pipeline.config import STAGES, Config, ConfigError
 from pipeline.stage import atomic_write_json, read_done
 from pipeline.tinypretrain import PRETRAIN_FILE
 
@@ -29,33 +29,44 @@ DISTRIBUTED_STAGES = ("train", "scst")
 METRIC_COLUMNS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
-def run_pipeline(config: Config, stages: list[str] | None = None, from_stage: str = "",
-                 force: list[str] | None = None) -> dict[str, Any]:
+def run_pipeline(
+    config: Config, stages: list[str] | None = None, from_stage: str = "", force: list[str] | None = None
+) -> dict[str, Any]:
     """Run the selected stages of `config` in order and write `summary.json`; returns it."""
     order = _select_stages(config, stages or [], from_stage)
     force = force or []
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     master = int(os.environ.get("RANK", "0")) == 0
     if world_size > 1 and set(order) - set(DISTRIBUTED_STAGES):
-        raise ConfigError(f"under torchrun only {', '.join(DISTRIBUTED_STAGES)} run data-parallel; "
-                          f"run {', '.join(s for s in order if s not in DISTRIBUTED_STAGES)} without torchrun "
-                          "or pass --stages train,scst")
+        raise ConfigError(
+            f"under torchrun only {', '.join(DISTRIBUTED_STAGES)} run data-parallel; "
+            f"run {', '.join(s for s in order if s not in DISTRIBUTED_STAGES)} without torchrun "
+            "or pass --stages train,scst"
+        )
     if config.run.prepare == "demo" and master:
         prepare_demo(config)
 
     ran: dict[str, Any] = {}
     for name in order:
         previous = read_done(config, name)
-        skipped = previous is not None and previous.get("fingerprint") == stage_fingerprint(config, name) \
-            and name not in force and "all" not in force
         started = time.time()
         stage = importlib.import_module(f"stages.{name}")
         summary = stage.run(config, force=name in force or "all" in force)
-        ran[name] = {"status": "skipped" if skipped else "ran", "seconds": round(time.time() - started, 2),
-                     "summary": summary}
+        # A stage that did nothing leaves its DONE.json as it was (eval, for one, may redo
+        # only the models whose checkpoints changed, under an unchanged fingerprint).
+        skipped = previous is not None and read_done(config, name) == previous
+        ran[name] = {
+            "status": "skipped" if skipped else "ran",
+            "seconds": round(time.time() - started, 2),
+            "summary": summary,
+        }
 
-    result = {"config": config.source, "output_dir": str(config.output_dir), "stages": ran,
-              "metrics": collect_metrics(config)}
+    result = {
+        "config": config.source,
+        "output_dir": str(config.output_dir),
+        "stages": ran,
+        "metrics": collect_metrics(config),
+    }
     if master:
         atomic_write_json(config.output_dir / "summary.json", result)
         print(format_summary(result), file=sys.stderr)
@@ -70,7 +81,7 @@ def _select_stages(config: Config, stages: list[str], from_stage: str) -> list[s
     if from_stage:
         if from_stage not in order:
             raise ConfigError(f"--from {from_stage}: not among the stages to run ({', '.join(order)})")
-        order = order[order.index(from_stage):]
+        order = order[order.index(from_stage) :]
     return order
 
 
@@ -79,7 +90,8 @@ def collect_metrics(config: Config) -> dict[str, dict[str, float]]:
     metrics: dict[str, dict[str, float]] = {}
     eval_dir = config.stage_dir("eval")
     for path in sorted(eval_dir.glob("*/metrics.json")) if eval_dir.exists() else []:
-        metrics[path.parent.name] = json.loads(path.read_text())
+        scores = json.loads(path.read_text())
+        metrics[path.parent.name] = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     return metrics
 
 
@@ -91,7 +103,9 @@ def format_summary(result: dict[str, Any]) -> str:
         lines.append("")
         lines.append(f"  {'model':<12}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS))
         for model, values in result["metrics"].items():
-            cells = "".join(f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in METRIC_COLUMNS)
+            cells = "".join(
+                f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in METRIC_COLUMNS
+            )
             lines.append(f"  {model:<12}{cells}")
         lines.append("  (scores x 100, as papers report them)")
     return "\n".join(lines)
@@ -111,8 +125,11 @@ def prepare_demo(config: Config) -> None:
         from pipeline.tinypretrain import pretrain_tiny_model
 
         preset = "tiny-opt" if "opt" in model_dir.name else "tiny-t5"
-        print(f"demo: writing a tiny random {preset} BLIP-2 to {model_dir} and pretraining it "
-              "on single synthetic frames (as BLIP-2 was pretrained on images)", file=sys.stderr)
+        print(
+            f"demo: writing a tiny random {preset} BLIP-2 to {model_dir} and pretraining it "
+            "on single synthetic frames (as BLIP-2 was pretrained on images)",
+            file=sys.stderr,
+        )
         init_model(model_dir, preset, vocab_from=annotations, seed=config.run.seed)
         pretrain_tiny_model(model_dir, image_size=config.model.image_size, seed=config.run.seed)
 

@@ -98,7 +98,9 @@ def _stage_command(name: str, summary: str) -> None:
 _stage_command("extract", "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.")
 _stage_command("train", "Cross-entropy training from the cache (or raw videos); torchrun for several GPUs.")
 _stage_command("scst", "Self-critical sequence training (CIDEr-D reward) from the best CE checkpoint.")
-_stage_command("eval", "Caption a split and score it with coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr).")
+_stage_command(
+    "eval", "Caption a split and score it with coco-caption metrics (BLEU, METEOR, ROUGE-L, CIDEr)."
+)
 
 
 @main.command()
@@ -107,7 +109,9 @@ _stage_command("eval", "Caption a split and score it with coco-caption metrics (
 @click.option("--from", "from_stage", default="", help="Start at this stage, skipping the ones before.")
 @click.option("--force", "force", multiple=True, metavar="STAGE", help="Redo this stage (repeatable; 'all').")
 @friendly_errors
-def run(config_path: str | None, overrides: tuple[str, ...], stages: str, from_stage: str, force: tuple[str, ...]) -> None:
+def run(
+    config_path: str | None, overrides: tuple[str, ...], stages: str, from_stage: str, force: tuple[str, ...]
+) -> None:
     """Run the stages of one config in order, skipping finished ones (same as run_pipeline.py)."""
     from run_pipeline import run_pipeline
 
@@ -117,11 +121,25 @@ def run(config_path: str | None, overrides: tuple[str, ...], stages: str, from_s
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "model_path", required=True, help="Exported model folder, or a base BLIP-2 (hub id / folder).")
-@click.option("--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Output JSONL (appended; resumable).")
+@click.option(
+    "--model", "model_path", required=True, help="Exported model folder, or a base BLIP-2 (hub id / folder)."
+)
+@click.option(
+    "--out",
+    "out_path",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="Output JSONL (appended; resumable).",
+)
 @config_options
 @friendly_errors
-def caption(inputs: tuple[str, ...], model_path: str, out_path: str, config_path: str | None, overrides: tuple[str, ...]) -> None:
+def caption(
+    inputs: tuple[str, ...],
+    model_path: str,
+    out_path: str,
+    config_path: str | None,
+    overrides: tuple[str, ...],
+) -> None:
     """Caption video files, folders, globs or manifests (JSONL, CSV with a path column, text list).
 
     Re-running with the same --out skips videos already captioned; unreadable videos get an
@@ -147,8 +165,17 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
 
 @main.command("init-model")
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--preset", default="tiny-t5", show_default=True, help="tiny-t5, tiny-opt, vitg-flan-t5-xl, vitg-opt-2.7b.")
-@click.option("--vocab-from", type=click.Path(exists=True), help="Annotations whose words form the tiny tokenizer's vocabulary.")
+@click.option(
+    "--preset",
+    default="tiny-t5",
+    show_default=True,
+    help="tiny-t5, tiny-opt, vitg-flan-t5-xl, vitg-opt-2.7b.",
+)
+@click.option(
+    "--vocab-from",
+    type=click.Path(exists=True),
+    help="Annotations whose words form the tiny tokenizer's vocabulary.",
+)
 @click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
 @friendly_errors
 def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> None:
@@ -173,8 +200,13 @@ def synth(out_dir: str, videos: int, seed: int) -> None:
 @main.command()
 @click.argument("gts", type=click.Path(exists=True, dir_okay=False))
 @click.argument("res", type=click.Path(exists=True, dir_okay=False))
-@click.option("--impl", type=click.Choice(["coco", "fast"]), default="coco", show_default=True,
-              help="coco: pycocoevalcap (all metrics); fast: our CIDEr-D only.")
+@click.option(
+    "--impl",
+    type=click.Choice(["coco", "fast"]),
+    default="coco",
+    show_default=True,
+    help="coco: pycocoevalcap (all metrics); fast: our CIDEr-D only.",
+)
 @friendly_errors
 def score(gts: str, res: str, impl: str) -> None:
     """Score captions RES (JSON list of {image_id|video_id, caption}) against GTS (COCO ground truth or manifest)."""
@@ -190,7 +222,9 @@ def cache() -> None:
 
 @cache.command("info")
 @click.argument("path", type=click.Path(exists=True, file_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print JSON (videos, done, failed, fingerprint, bytes).")
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print JSON (videos, done, failed, fingerprint, bytes)."
+)
 @friendly_errors
 def cache_info(path: str, as_json: bool) -> None:
     """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk."""
@@ -201,8 +235,10 @@ def cache_info(path: str, as_json: bool) -> None:
         _print_json(info)
         return
     failed = info.get("failed", {})
-    click.echo(f"{path}: {info['done']}/{info['videos']} videos done, {len(failed)} failed, "
-               f"{info['bytes'] / 1e6:.1f} MB")
+    click.echo(
+        f"{path}: {info['done']}/{info['videos']} videos done, {len(failed)} failed, "
+        f"{info['bytes'] / 1e6:.1f} MB"
+    )
     for key, value in info.get("fingerprint", {}).items():
         click.echo(f"  {key}: {value}")
     for video_id, reason in list(failed.items())[:20]:

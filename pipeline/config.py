@@ -319,20 +319,50 @@ STAGES = ("extract", "train", "scst", "eval", "caption")
 # fingerprints of the stages it reads from, so retraining invalidates evaluation.
 STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
-        "data.format", "data.annotations", "data.video_root", "data.video_ext", "data.max_videos",
-        "model.pretrained", "model.num_frames", "model.image_size",
-        "cache.path", "cache.train_views", "cache.codec", "cache.codec_level",
-        "extract.splits", "run.seed",
+        "data.format",
+        "data.annotations",
+        "data.video_root",
+        "data.video_ext",
+        "data.max_videos",
+        "model.pretrained",
+        "model.num_frames",
+        "model.image_size",
+        "cache.path",
+        "cache.train_views",
+        "cache.codec",
+        "cache.codec_level",
+        "extract.splits",
+        "run.seed",
     ),
     "train": (
-        "data", "model", "cache.path", "cache.train_views", "train.source", "train.epochs",
-        "train.batch_size", "train.grad_accum", "train.lr", "train.min_lr", "train.warmup_lr",
-        "train.warmup_steps", "train.weight_decay", "train.grad_clip", "train.captions",
-        "train.val_max_videos", "run.seed",
+        "data",
+        "model",
+        "cache.path",
+        "cache.train_views",
+        "train.source",
+        "train.epochs",
+        "train.batch_size",
+        "train.grad_accum",
+        "train.lr",
+        "train.min_lr",
+        "train.warmup_lr",
+        "train.warmup_steps",
+        "train.weight_decay",
+        "train.grad_clip",
+        "train.captions",
+        "train.val_max_videos",
+        "run.seed",
     ),
     "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed"),
-    "eval": ("eval.models", "eval.split", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens",
-             "eval.metrics", "data.test_split"),
+    "eval": (
+        "eval.models",
+        "eval.split",
+        "eval.num_beams",
+        "eval.max_new_tokens",
+        "eval.min_new_tokens",
+        "eval.metrics",
+        "data.test_split",
+    ),
     "caption": ("caption",),
 }
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
@@ -400,7 +430,10 @@ def _build_section(cls: type, section: str, values: dict[str, Any], source: str)
     for key, value in values.items():
         if key not in fields:
             hint = _closest(key, fields)
-            raise ConfigError(f"{source}: unknown key {section}.{key}" + (f" (did you mean {section}.{hint}?)" if hint else ""))
+            raise ConfigError(
+                f"{source}: unknown key {section}.{key}"
+                + (f" (did you mean {section}.{hint}?)" if hint else "")
+            )
         kwargs[key] = _coerce(value, hints[key], f"{section}.{key}", source)
     try:
         return cls(**kwargs)
@@ -505,7 +538,11 @@ def stage_fingerprint(config: Config, stage: str) -> str:
 def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
     """Human-readable differences between two settings dicts: `key: old -> new`."""
     keys = sorted(set(old) | set(new))
-    return [f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}" for k in keys if old.get(k) != new.get(k)]
+    return [
+        f"{k}: {old.get(k, '<unset>')!r} -> {new.get(k, '<unset>')!r}"
+        for k in keys
+        if old.get(k) != new.get(k)
+    ]
 
 
 def config_reference() -> str:
@@ -527,8 +564,8 @@ def _field_docs(cls: type, ast: Any, inspect: Any) -> dict[str, str]:
     tree = ast.parse(inspect.getsource(cls).lstrip())
     body = tree.body[0].body
     docs = {}
-    for node, following in zip(body, body[1:]):
-        if isinstance(node, ast.AnnAssign) and isinstance(following, ast.Expr):
-            if isinstance(following.value, ast.Constant) and isinstance(following.value.value, str):
-                docs[node.target.id] = following.value.value.strip().splitlines()[0]
+    for node, following in zip(body, body[1:], strict=False):
+        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
+            docs[node.target.id] = following.value.value.strip().splitlines()[0]
     return docs

@@ -121,14 +121,23 @@ def stage_logger(name: str, path: Path) -> logging.Logger:
     return logger
 
 
-def progress(iterable: Iterable[T], total: int | None = None, desc: str = "", initial: int = 0,
-             disable: bool = False) -> Iterator[T]:
+def progress(
+    iterable: Iterable[T], total: int | None = None, desc: str = "", initial: int = 0, disable: bool = False
+) -> Iterator[T]:
     """A progress bar (done/total, rate, ETA) on stderr; plain lines when stderr is not a terminal."""
     from tqdm import tqdm
 
     interval = 0.5 if sys.stderr.isatty() else 10.0
-    yield from tqdm(iterable, total=total, desc=desc, initial=initial, mininterval=interval,
-                    disable=disable, dynamic_ncols=True, file=sys.stderr)
+    yield from tqdm(
+        iterable,
+        total=total,
+        desc=desc,
+        initial=initial,
+        mininterval=interval,
+        disable=disable,
+        dynamic_ncols=True,
+        file=sys.stderr,
+    )
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

@@ -45,8 +45,14 @@ def sample_frames(num: int, image_size: int, rng: np.random.Generator) -> tuple[
     return np.stack(frames), captions
 
 
-def pretrain_tiny_model(model_dir: str | Path, steps: int = 300, batch_size: int = 32, lr: float = 1e-3,
-                        image_size: int = 32, seed: int = 0) -> dict[str, float]:
+def pretrain_tiny_model(
+    model_dir: str | Path,
+    steps: int = 300,
+    batch_size: int = 32,
+    lr: float = 1e-3,
+    image_size: int = 32,
+    seed: int = 0,
+) -> dict[str, float]:
     """Train Q-Former + LM of the BLIP-2 in `model_dir` on frame captions; save it back in place."""
     from pipeline.model import VideoCaptioner
 

@@ -44,7 +44,10 @@ def test_yaml_and_overrides(tmp_path):
         ("model:\n  fusion: sum\n", "model.fusion must be one of concat, mean"),
         ("train:\n  epochs: many\n", "train.epochs must be int"),
         ("model:\n  temporal_embeddings: maybe\n", "model.temporal_embeddings must be true or false"),
-        ("train:\n  batch_size: 6\n  grad_accum: 4\n", "train.batch_size (6) must be divisible by train.grad_accum (4)"),
+        (
+            "train:\n  batch_size: 6\n  grad_accum: 4\n",
+            "train.batch_size (6) must be divisible by train.grad_accum (4)",
+        ),
         ("- a\n- b\n", "the top level must be a mapping"),
     ],
 )
@@ -87,4 +90,6 @@ def test_every_preset_loads(path):
 
 def test_readme_configuration_reference_matches_schema():
     readme = (ROOT / "README.md").read_text()
-    assert config_reference() in readme, "README's configuration reference is stale: paste `vidcap config-reference`"
+    assert config_reference() in readme, (
+        "README's configuration reference is stale: paste `vidcap config-reference`"
+    )
