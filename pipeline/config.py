@@ -324,6 +324,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "data.video_root",
         "data.video_ext",
         "data.max_videos",
+        "decode.backend",
         "model.pretrained",
         "model.num_frames",
         "model.image_size",

@@ -1,0 +1,552 @@
+"""Stage `caption`: caption any video files with a trained (or zero-shot) model, at scale, resumably.
+
+    vidcap caption videos/ more/*.mp4 list.txt --model runs/msrvtt/export --out captions.jsonl
+    vidcap caption manifest.csv --model Salesforce/blip2-flan-t5-xl --out zs.jsonl --set caption.workers=4
+    vidcap caption manifest.jsonl --model ... --out ... --set caption.scheduler=tcp://head:8786
+
+Inputs are video files, folders (searched recursively for video extensions), globs, or
+manifests: our JSONL (`video` or `video_id` per line), a CSV with a `path` (or `video`)
+column, or a `.txt` list of paths; relative paths in a manifest start from its folder.
+Each video becomes one JSON line in OUT:
+
+    {"video": "/abs/path.mp4", "caption": "a man is cooking", "model": ..., "num_frames": 8,
+     "sampling": "uniform"}                         # or "error": "<why it could not be read>"
+
+With `caption.window > 0`, a video becomes one line per window of that many seconds, with
+`start`, `end`, `window` (its index) and `windows` (their number).
+
+How OUT stays correct when several workers write and anything can be killed:
+
+* each task appends to its own part file `OUT.parts/<run>-<task>-<random>.jsonl`, one batch
+  at a time, flushed and fsynced, so no two writers share a file and a kill loses at most
+  the batches in flight (and may tear the last line of a part file, which readers skip);
+* at the end, and at the start of the next run (which thereby finishes a killed run's work),
+  the part files are merged into OUT: new records are appended, in input order, skipping any
+  video OUT already holds, then the part files are deleted. A kill during the merge leaves
+  the part files, so the next merge completes it; a torn last line of OUT is cut off first;
+* a video counts as done when OUT holds its record (all its windows, in window mode);
+  re-running with the same OUT captions only the others, so nothing is done twice and no
+  record is duplicated;
+* one run at a time per OUT: a lock file `OUT.lock` refuses a second concurrent run.
+
+Errors (missing, empty, corrupt, non-video files) become `error` records and never stop the run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import glob
+import json
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.dask_utils import (
+    chunk_size_for,
+    configure_torch_threads,
+    dask_client,
+    describe_client,
+    on_every_worker,
+    prefetch_map,
+    progress_counter,
+    run_chunks,
+    split_chunks,
+    worker_cached,
+)
+from pipeline.stage import StageError, resolve_device, stage_logger
+
+VIDEO_EXTENSIONS = (
+    ".mp4",
+    ".m4v",
+    ".mov",
+    ".mkv",
+    ".webm",
+    ".avi",
+    ".mpg",
+    ".mpeg",
+    ".flv",
+    ".wmv",
+    ".3gp",
+    ".ts",
+)
+MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".txt", ".lst")
+SAMPLING = "uniform"  # view 0 of pipeline.video.load_clip: the evaluation sampling
+TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
+
+
+@dataclass(frozen=True)
+class CaptionItem:
+    video: str
+    """Absolute path of the video (the record's key)."""
+    video_id: str = ""
+    """Id from a manifest, copied into the record."""
+
+
+def run(config: Config, force: bool = False) -> dict[str, Any]:
+    """`caption` needs inputs, a model and an output file, which a config does not hold."""
+    raise StageError(
+        "the caption stage runs from `vidcap caption INPUTS... --model M --out OUT`, "
+        "not from run.stages; see `vidcap caption --help`"
+    )
+
+
+def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Config) -> dict[str, Any]:
+    """Caption every video `inputs` name into the JSONL `out_path`, skipping those already in it."""
+    started = time.time()
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    parts = out.with_name(out.name + ".parts")
+    log = stage_logger("caption", out.with_name(out.name + ".log"))
+    cap = config.caption
+    with _exclusive(out):
+        items = expand_inputs(inputs, log)
+        order = [it.video for it in items]
+        merge_parts(out, parts, order)  # first finish what a killed run left behind
+        recorded = recorded_videos(out)
+        todo = [it for it in items if it.video not in recorded]
+        nothing_to_do = not todo  # then no cluster is started
+        with dask_client(
+            0 if nothing_to_do else cap.workers, "" if nothing_to_do else cap.scheduler
+        ) as client:
+            mode = describe_client(client)
+            log.info("caption: %d videos, %d already in %s, %d to caption; %s; model %s",
+                     len(items), len(items) - len(todo), out, len(todo), mode, model_path)  # fmt: skip
+            totals = _Totals(videos=len(items), skipped=len(items) - len(todo))
+            if not nothing_to_do:
+                on_every_worker(client, load_captioner, model_path, config)  # load before the clock starts
+            totals.started = time.time()
+            workers = len(client.nthreads()) if client is not None else 0
+            chunks = split_chunks(todo, chunk_size_for(len(todo), cap.batch_size, workers))
+            run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
+            tasks = [(f"{run_id}-{i:05d}", chunk) for i, chunk in enumerate(chunks)]
+            with progress_counter(len(todo), "caption") as bar:
+                run_chunks(client, caption_task, tasks, model_path, str(parts), config,
+                           on_result=totals.add, on_progress=bar.update)  # fmt: skip
+        merge_parts(out, parts, order)
+    summary = totals.summary(
+        out, model_path, mode, setup_s=totals.started - started, seconds=time.time() - started
+    )
+    log.info(
+        "caption: %d captioned, %d errors, %d skipped in %.1f s (setup %.1f s; %.2f videos/s; decode %.1f s, "
+        "waited for decoding %.1f s, ViT %.1f s, generate %.1f s)",
+        summary["captioned"], summary["errors"], summary["skipped"], summary["seconds"], summary["setup_s"],
+        summary["videos_per_s"], summary["decode_s"], summary["decode_wait_s"], summary["vit_s"],
+        summary["generate_s"],
+    )  # fmt: skip
+    return summary
+
+
+class _Totals:
+    """What the tasks report, added up; the summary `caption_videos` returns."""
+
+    def __init__(self, videos: int, skipped: int) -> None:
+        self.videos, self.skipped = videos, skipped
+        self.counts = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
+        self.started = time.time()
+
+    def add(self, result: dict[str, Any]) -> None:
+        for key, value in result.items():
+            self.counts[key] += value
+
+    def summary(self, out: Path, model: str, mode: str, setup_s: float, seconds: float) -> dict[str, Any]:
+        working = time.time() - self.started
+        finished = self.counts["captioned"] + self.counts["errors"]
+        return {
+            "out": str(out),
+            "model": model,
+            "mode": mode,
+            "videos": self.videos,
+            "captioned": self.counts["captioned"],
+            "errors": self.counts["errors"],
+            "skipped": self.skipped,
+            "seconds": round(seconds, 2),
+            "setup_s": round(setup_s, 2),  # starting workers and loading the model
+            "videos_per_s": round(finished / working, 3) if finished and working > 0 else 0.0,
+            **{k: round(self.counts[k], 2) for k in TIMERS},
+        }
+
+
+# ----------------------------------------------------------------------------------------
+# Inputs
+# ----------------------------------------------------------------------------------------
+
+
+def expand_inputs(inputs: list[str], log: Any = None) -> list[CaptionItem]:
+    """The videos that files, folders, globs and manifests name, in order, each once."""
+    items: dict[str, CaptionItem] = {}
+    for spec in inputs:
+        found = list(_expand(spec))
+        if not found and log is not None:
+            log.warning("caption: %s matches no video", spec)
+        for item in found:
+            items.setdefault(item.video, item)
+    return list(items.values())
+
+
+def _expand(spec: str) -> Iterator[CaptionItem]:
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        yield from _folder(path)
+    elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
+        yield from read_manifest(path)
+    elif not path.exists() and glob.has_magic(spec):
+        for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
+            if os.path.isdir(match):
+                yield from _folder(Path(match))
+            elif match.lower().endswith(VIDEO_EXTENSIONS):
+                yield CaptionItem(os.path.abspath(match))
+    else:  # a video, or a file that will get an error record (missing, not a video)
+        yield CaptionItem(os.path.abspath(path))
+
+
+def _folder(folder: Path) -> Iterator[CaptionItem]:
+    for root, dirs, files in os.walk(folder):
+        dirs.sort()
+        for name in sorted(files):
+            if name.lower().endswith(VIDEO_EXTENSIONS):
+                yield CaptionItem(os.path.abspath(os.path.join(root, name)))
+
+
+def read_manifest(path: Path) -> Iterator[CaptionItem]:
+    """Videos of a JSONL (`video` or `video_id`), CSV (`path` or `video` column) or text list."""
+    from pipeline.annotations import AnnotationError
+
+    root = path.parent
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix == ".csv":
+            reader = csv.DictReader(f)
+            column = next(
+                (c for c in ("path", "video", "video_path") if c in (reader.fieldnames or [])), None
+            )
+            if column is None:
+                raise AnnotationError(f"{path}: needs a `path` or `video` column; it has {reader.fieldnames}")
+            for row in reader:
+                if row[column]:
+                    yield CaptionItem(_absolute(root, row[column]), row.get("video_id") or "")
+        elif suffix == ".jsonl":
+            for number, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                    video = row.get("video") or row.get("path") or row["video_id"] + ".mp4"
+                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
+                    raise AnnotationError(
+                        f"{path}:{number}: expected a JSON object with `video` or `video_id`"
+                    ) from None
+                yield CaptionItem(_absolute(root, video), str(row.get("video_id") or ""))
+        else:
+            for line in f:
+                if line.strip() and not line.lstrip().startswith("#"):
+                    yield CaptionItem(_absolute(root, line.strip()))
+
+
+def _absolute(root: Path, video: str) -> str:
+    return os.path.abspath(os.path.join(root, os.path.expanduser(video)))
+
+
+# ----------------------------------------------------------------------------------------
+# Output: part files, merge, what is recorded
+# ----------------------------------------------------------------------------------------
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The complete JSON records of a JSONL file; a torn or garbled line is skipped."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # torn by a kill: its video was not finished
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "video" in record:
+                yield record
+
+
+def record_key(record: dict[str, Any]) -> tuple[str, Any]:
+    return record["video"], record.get("start")
+
+
+def recorded_videos(out: Path) -> set[str]:
+    """Videos OUT holds completely (every window of a windowed video)."""
+    return {video for video, _ in _complete(list(read_records(out)))}
+
+
+def _complete(records: list[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
+    """Records by key, first one wins, dropping windowed videos that miss some windows."""
+    by_key: dict[tuple[str, Any], dict[str, Any]] = {}
+    for record in records:
+        by_key.setdefault(record_key(record), record)
+    windows: dict[str, set[Any]] = {}
+    expected: dict[str, int] = {}
+    for (video, start), record in by_key.items():
+        windows.setdefault(video, set()).add(start)
+        expected[video] = max(expected.get(video, 1), int(record.get("windows", 1)))
+    incomplete = {video for video, starts in windows.items() if len(starts) < expected[video]}
+    return {key: r for key, r in by_key.items() if key[0] not in incomplete}
+
+
+def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
+    """Append the part files' records that OUT lacks to OUT (in `order`), then delete the parts."""
+    if not parts.is_dir():
+        return 0
+    files = sorted(parts.glob("*.jsonl"))
+    existing = _complete(list(read_records(out)))
+    merged = _complete(list(existing.values()) + [r for f in files for r in read_records(f)])
+    rank = {video: i for i, video in enumerate(order)}
+    new = [r for key, r in merged.items() if key not in existing]
+    new.sort(key=lambda r: (rank.get(r["video"], len(rank)), r.get("start") or 0.0))
+    if new:
+        _cut_torn_tail(out)
+        with out.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+            f.flush()
+            os.fsync(f.fileno())
+    for file in files:
+        file.unlink()
+    with contextlib.suppress(OSError):
+        parts.rmdir()
+    return len(new)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate a file to its last newline (a killed append can leave half a line)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        data_end = size
+        step = 1 << 16
+        while data_end > 0:
+            start = max(0, data_end - step)
+            f.seek(start)
+            block = f.read(data_end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            data_end = start
+        f.truncate(0)
+
+
+@contextlib.contextmanager
+def _exclusive(out: Path) -> Iterator[None]:
+    """Refuse a second run writing the same OUT at the same time (POSIX advisory lock)."""
+    import fcntl
+
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(
+                f"another `vidcap caption` is writing {out}; wait for it or use another --out"
+            ) from None
+        yield
+
+
+# ----------------------------------------------------------------------------------------
+# The work of one task: decode (threads) -> ViT -> generate -> part file
+# ----------------------------------------------------------------------------------------
+
+
+def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any], str]:
+    """(model, its frame settings, device) for this process, loaded once and reused by later tasks."""
+    configure_torch_threads()
+    device = resolve_device(config.run.device)
+
+    def load() -> tuple[Any, dict[str, Any]]:
+        from pipeline.model import VideoCaptioner
+
+        if (Path(model_path) / "video_model.json").is_file():
+            model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
+        else:  # a base BLIP-2: zero-shot with config.model's settings
+            model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
+        return model, {"num_frames": model.cfg.num_frames, "image_size": model.cfg.image_size}
+
+    key = ("captioner", model_path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), device)
+    model, settings = worker_cached(key, load)
+    return model, settings, device
+
+
+def caption_task(
+    task: tuple[str, list[CaptionItem]],
+    model_path: str,
+    parts_dir: str,
+    config: Config,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:
+    """Caption one chunk of videos into its own part file; returns counts and seconds."""
+    name, items = task
+    model, settings, device = load_captioner(model_path, config)
+    cap = config.caption
+    result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
+    base = {"model": model_path, "num_frames": settings["num_frames"], "sampling": SAMPLING}
+    part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
+    part.parent.mkdir(parents=True, exist_ok=True)
+    with (
+        ThreadPoolExecutor(max(1, cap.decode_workers), thread_name_prefix="decode") as pool,
+        part.open("a", encoding="utf-8", buffering=1) as f,
+    ):
+        clips = _decoded(items, settings, config, pool, result)
+        for batch in _clip_batches(clips, cap.batch_size):
+            captions = _caption_batch(model, batch.pixels(), device, config, result) if batch.clips else []
+            records = batch.records(captions, base)
+            started = time.perf_counter()
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+            f.flush()
+            os.fsync(f.fileno())
+            result["write_s"] += time.perf_counter() - started
+            finished = {r["video"] for r in records}
+            result["errors"] += len({r["video"] for r in records if "error" in r})
+            result["captioned"] += len(finished) - len({r["video"] for r in records if "error" in r})
+            if on_batch is not None:
+                on_batch(len(finished))
+    return result
+
+
+def _caption_batch(
+    model: Any, pixels: Any, device: str, config: Config, timers: dict[str, float]
+) -> list[str]:
+    import torch
+
+    cap = config.caption
+    texts: list[str] = []
+    for first in range(0, pixels.shape[0], cap.batch_size):  # a long video's windows: several calls
+        started = time.perf_counter()
+        tokens = model.encode_frames(pixels[first : first + cap.batch_size])  # (B, T, L, D)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()  # so the ViT's time is not billed to generate
+        timers["vit_s"] += time.perf_counter() - started
+        started = time.perf_counter()
+        out = model.generate(
+            tokens,
+            num_beams=cap.num_beams,
+            max_new_tokens=cap.max_new_tokens,
+            min_new_tokens=cap.min_new_tokens,
+        )
+        texts += out.texts
+        timers["generate_s"] += time.perf_counter() - started
+    return texts
+
+
+@dataclass
+class _Clip:
+    item: CaptionItem
+    pixels: Any = None  # (T, 3, S, S), None for an error
+    error: str = ""
+    start: float | None = None
+    end: float | None = None
+    window: int = 0
+    windows: int = 1
+
+
+class _ClipBatch:
+    """Clips for one model call, plus the error clips that ride along; records come out per video."""
+
+    def __init__(self) -> None:
+        self.clips: list[_Clip] = []
+        self.errors: list[_Clip] = []
+
+    def pixels(self) -> Any:
+        import torch
+
+        return torch.stack([c.pixels for c in self.clips])  # (B, T, 3, S, S)
+
+    def records(self, captions: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
+        records = [_record(c, base, caption=text) for c, text in zip(self.clips, captions, strict=True)]
+        return records + [_record(c, base, error=c.error) for c in self.errors]
+
+
+def _record(clip: _Clip, base: dict[str, Any], **result: str) -> dict[str, Any]:
+    record: dict[str, Any] = {"video": clip.item.video}
+    if clip.item.video_id:
+        record["video_id"] = clip.item.video_id
+    record.update(result)
+    record.update(base)
+    if clip.start is not None:
+        record.update(start=clip.start, end=clip.end, window=clip.window, windows=clip.windows)
+    return record
+
+
+def _clip_batches(clips: Iterator[_Clip], batch_size: int) -> Iterator[_ClipBatch]:
+    """Batches of `batch_size` clips; a batch ends only between videos, so a video's records go out together."""
+    batch = _ClipBatch()
+    for clip in clips:
+        (batch.errors if clip.error else batch.clips).append(clip)
+        last_of_video = clip.window == clip.windows - 1 or bool(clip.error)
+        if len(batch.clips) >= batch_size and last_of_video:
+            yield batch
+            batch = _ClipBatch()
+    if batch.clips or batch.errors:
+        yield batch
+
+
+def _decoded(items: list[CaptionItem], settings: dict[str, int], config: Config, pool: ThreadPoolExecutor,
+             timers: dict[str, float]) -> Iterator[_Clip]:  # fmt: skip
+    """Clips of `items` in order, decoded about two batches ahead in `pool`."""
+    ahead = 2 * config.caption.batch_size + config.caption.decode_workers
+    decode = partial(_decode_item, settings=settings, config=config)
+    for (clips, seconds), waited in prefetch_map(pool, decode, items, ahead):
+        timers["decode_s"] += seconds
+        timers["decode_wait_s"] += waited
+        yield from clips
+
+
+def _decode_item(item: CaptionItem, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
+    """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
+    from pipeline.sampling import normalize_frames
+    from pipeline.video import VideoDecodeError, load_clip, probe_video
+
+    started = time.perf_counter()
+    backend, threads = config.decode.backend, config.decode.threads
+    try:
+        spans: list[tuple[float | None, float | None]] = [(None, None)]
+        if config.caption.window > 0:
+            duration = probe_video(item.video, backend).duration
+            if not duration > 0:
+                raise VideoDecodeError(item.video, "unknown duration: cannot cut it into windows")
+            spans = _windows(duration, config.caption.window)
+        clips = []
+        for i, (start, end) in enumerate(spans):
+            frames = load_clip(
+                item.video,
+                settings["num_frames"],
+                settings["image_size"],
+                view=0,
+                backend=backend,
+                threads=threads,
+                start_sec=start,
+                end_sec=end,
+            )  # (T, S, S, 3)
+            clips.append(
+                _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
+            )
+    except (VideoDecodeError, OSError) as e:
+        clips = [_Clip(item, error=str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}")]
+    return clips, time.perf_counter() - started
+
+
+def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:
+    """[start, end) spans of `window` seconds covering `duration`; the last one may be shorter."""
+    count = max(1, math.ceil(duration / window - 1e-9))
+    return [(round(i * window, 3), round(min(duration, (i + 1) * window), 3)) for i in range(count)]

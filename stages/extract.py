@@ -1,0 +1,378 @@
+"""Stage `extract`: decode every video once, run the frozen ViT, store its tokens in the cache.
+
+    vidcap extract --config configs/msrvtt_t5xl_ce.yaml                        # this process
+    vidcap extract --config ... --set extract.workers=4                        # local Dask, 4 GPUs
+    vidcap extract --config ... --set extract.scheduler=tcp://head:8786        # a Dask cluster
+
+One video's way through: manifest record -> `load_clip` for view 0 (uniform frames, the
+evaluation view) and views 1..`cache.train_views` (head-tail frames, random resized crop,
+flip; random choices seeded by `run.seed` and the video id) -> CLIP normalisation ->
+`VideoCaptioner.encode_frames` (bf16 autocast on CUDA) -> `FeatureStore.write_video`, which
+marks it done. Videos are batched (`extract.batch_size` per ViT call); a thread pool of
+`extract.decode_workers` decodes the next videos while the ViT runs, and one writer thread
+compresses and writes the previous batch.
+
+Resuming: the store records each finished video, so a re-run (after SIGKILL, say) extracts
+only the pending ones. The store's fingerprint holds everything that determines the tokens,
+the ViT weights' hash included (not the model id: the BLIP-2 Flan-T5 and OPT checkpoints
+share one ViT); a config that would produce other tokens is refused with the differences,
+unless `--force`, which starts a new store. A video that cannot be decoded is recorded as
+failed with its reason and the stage goes on (exit status 0; `vidcap cache info` lists them).
+
+With Dask, videos are cut into chunks of a few batches; each task loads the ViT once per
+worker (`worker_cached`), writes its videos to the store itself, and returns one small
+status per video.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.dask_utils import (
+    chunk_size_for,
+    configure_torch_threads,
+    dask_client,
+    describe_client,
+    on_every_worker,
+    prefetch_map,
+    progress_counter,
+    run_chunks,
+    split_chunks,
+    worker_cached,
+)
+from pipeline.stage import Stage, StageError, resolve_device
+
+# How the views' frames are chosen and augmented (pipeline/sampling.py); part of the fingerprint,
+# so changing the scheme there must change this string.
+SAMPLING = (
+    "v1: view0=uniform segment starts, full frame; views>=1=headtail + random resized crop (0.5-1) + hflip"
+)
+STORE_DTYPE = "float16"
+MAX_FAILURES_IN_SUMMARY = 50
+Video = tuple[str, str]  # (video_id, path)
+
+
+def run(config: Config, force: bool = False) -> dict[str, Any]:
+    """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary."""
+    stage = Stage(config, "extract", force=force)
+    if stage.done:
+        return stage.summary
+    started = time.time()
+    videos = manifest_videos(config)
+    ex = config.extract
+    with dask_client(ex.workers, ex.scheduler) as client:
+        mode = describe_client(client)
+        vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
+        store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
+        pending = set(store.pending_ids())
+        todo = [v for v in videos if v[0] in pending]
+        skipped = len(store.done_ids())
+        stage.log.info("extract: %d videos, %d already done, %d to do; %s, %s %s; store %s", len(videos),
+                       skipped, len(todo), mode, vit["device"], vit["dtype"], store.path)  # fmt: skip
+        totals = _Totals(skipped=skipped, videos=len(videos))
+        workers = max(1, len(client.nthreads())) if client is not None else 0
+        chunks = split_chunks(todo, chunk_size_for(len(todo), ex.batch_size, workers))
+        with progress_counter(len(todo), "extract") as bar:
+            run_chunks(client, extract_videos, chunks, config, str(store.path), vit["dtype"],
+                       on_result=lambda r: totals.add(r, stage.log), on_progress=bar.update)  # fmt: skip
+    summary = totals.summary(
+        mode, store, vit, setup_s=totals.started - started, seconds=time.time() - started
+    )
+    stage.log.info(
+        "extract: %d done, %d skipped, %d failed in %.1f s (setup %.1f s; %.2f videos/s; decode %.1f s "
+        "in %d threads, waited for decoding %.1f s, ViT %.1f s, write %.1f s)",
+        summary["done"], skipped, summary["failed"], summary["seconds"], summary["setup_s"],
+        summary["videos_per_s"], summary["decode_s"], ex.decode_workers, summary["decode_wait_s"],
+        summary["vit_s"], summary["write_s"],
+    )  # fmt: skip
+    return stage.finish(summary)
+
+
+def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwrite: bool = False) -> Any:
+    """The cache for these videos and this ViT: resumed if its fingerprint matches, else refused."""
+    from cache.store import FeatureStore
+
+    return FeatureStore.open_or_create(
+        config.cache_path, video_ids, num_views=1 + config.cache.train_views, num_frames=config.model.num_frames,
+        tokens_per_frame=vit["tokens_per_frame"], width=vit["width"], fingerprint=extract_fingerprint(config, vit),
+        codec=config.cache.codec, level=config.cache.codec_level, overwrite=overwrite,
+    )  # fmt: skip
+
+
+def manifest_videos(config: Config) -> list[Video]:
+    """(video_id, path) of the manifest's videos in order, restricted to `extract.splits` if set."""
+    from pipeline.annotations import load_manifest
+
+    manifest = load_manifest(config.data)
+    if not config.extract.splits:
+        return [(r.video_id, r.path) for r in manifest.records]
+    for name in config.extract.splits:
+        manifest.split(name)  # an unknown split is an error naming the known ones
+    wanted = set(config.extract.splits)
+    return [(r.video_id, r.path) for r in manifest.records if r.split in wanted]
+
+
+def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
+    """Everything that determines the cached tokens (the store refuses to mix two of these)."""
+    return {
+        "vit_weights_sha256": vit["weights_sha256"],
+        "tokens_per_frame": vit["tokens_per_frame"],
+        "width": vit["width"],
+        "num_frames": config.model.num_frames,
+        "image_size": config.model.image_size,
+        "sampling": SAMPLING,
+        "views": 1 + config.cache.train_views,
+        "seed": config.run.seed,
+        "compute_dtype": vit["dtype"],
+        "store_dtype": STORE_DTYPE,
+        "decode_backend": config.decode.backend,
+    }
+
+
+# ----------------------------------------------------------------------------------------
+# The ViT, loaded once per process (per Dask worker)
+# ----------------------------------------------------------------------------------------
+
+
+def load_vit(config: Config) -> tuple[Any, str, str]:
+    """(model, device, compute dtype) of this process, loaded on first use and then reused."""
+    import torch
+
+    configure_torch_threads()
+    device = resolve_device(config.run.device)
+
+    def load() -> Any:
+        from pipeline.model import VideoCaptioner
+
+        return VideoCaptioner.from_pretrained(
+            config.model.pretrained, config.model, load_vision=True, device=device
+        )
+
+    key = (
+        "vit",
+        config.model.pretrained,
+        config.model.num_frames,
+        config.model.image_size,
+        config.model.dtype,
+        device,
+    )
+    model = worker_cached(key, load)
+    dtype = str(model.compute_dtype or torch.float32).removeprefix("torch.")  # bf16 autocast on CUDA
+    return model, device, dtype
+
+
+def describe_vit(config: Config) -> dict[str, Any]:
+    """What the store needs to know about this process's ViT: weights hash, token shape, device, dtype."""
+    model, device, dtype = load_vit(config)
+    key = ("vit-sha256", config.model.pretrained, config.model.dtype, device)
+    return {
+        "weights_sha256": worker_cached(key, lambda: hash_weights(model.blip.vision_model)),
+        "tokens_per_frame": int(model.tokens_per_frame),
+        "width": int(model.vision_width),
+        "device": device,
+        "dtype": dtype,
+    }
+
+
+def hash_weights(module: Any) -> str:
+    """SHA-256 of a module's tensors (names, dtypes, shapes and bytes), independent of the model id."""
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        flat = tensor.detach().reshape(-1).contiguous().cpu()
+        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
+        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def _same_vit_everywhere(vits: list[dict[str, Any]]) -> dict[str, Any]:
+    """The workers' ViT description; they must agree, or their tokens could not share one store."""
+    keys = ("weights_sha256", "tokens_per_frame", "width", "dtype")
+    for vit in vits[1:]:
+        if any(vit[k] != vits[0][k] for k in keys):
+            raise StageError(
+                f"the Dask workers disagree about the ViT: {vits[0]} vs {vit}; "
+                "give every worker the same model files and kind of device"
+            )
+    return vits[0]
+
+
+# ----------------------------------------------------------------------------------------
+# The work of one task: decode (threads) -> ViT (batches) -> store (writer thread)
+# ----------------------------------------------------------------------------------------
+
+
+def extract_videos(
+    videos: list[Video], config: Config, store_path: str, expected_dtype: str,
+    on_batch: Callable[[int], None] | None = None,
+) -> dict[str, Any]:  # fmt: skip
+    """Extract `videos` into the store; returns {"done": [ids], "failed": {id: reason}, "seconds": {...}}."""
+    import torch
+
+    from cache.store import FeatureStore
+
+    model, device, dtype = load_vit(config)
+    if dtype != expected_dtype:
+        raise RuntimeError(
+            f"this worker computes in {dtype} on {device}, the store holds {expected_dtype} "
+            "tokens: give every worker the same kind of device"
+        )
+    store = FeatureStore.open(store_path, mode="r+")
+    result: dict[str, Any] = {"done": [], "failed": {}, "seconds": dict.fromkeys(_Totals.TIMERS, 0.0)}
+    timers = result["seconds"]
+    writing: Future | None = None  # the previous batch, written while the ViT runs on this one
+    with ThreadPoolExecutor(max(1, config.extract.decode_workers), thread_name_prefix="decode") as pool, \
+            ThreadPoolExecutor(1, thread_name_prefix="write") as writer:  # fmt: skip
+        for batch in _batches(_decoded(videos, config, pool, timers), config.extract.batch_size):
+            for video_id, error in batch.failures:
+                store.mark_failed(video_id, error)
+                result["failed"][video_id] = error
+            if batch.ids:
+                started = time.perf_counter()
+                pixels = torch.cat(batch.frames)  # (B*V, T, 3, S, S)
+                tokens = model.encode_frames(pixels).to(torch.float16).cpu()  # (B*V, T, L, D), as stored
+                timers["vit_s"] += time.perf_counter() - started
+                tokens = tokens.unflatten(0, (len(batch.ids), -1))  # (B, V, T, L, D)
+                if writing is not None:
+                    result["done"] += writing.result()
+                writing = writer.submit(_write_batch, store, batch.ids, tokens, timers)
+            if on_batch is not None:
+                on_batch(len(batch.ids) + len(batch.failures))
+        if writing is not None:
+            result["done"] += writing.result()
+    return result
+
+
+def _write_batch(store: Any, ids: list[str], tokens: Any, timers: dict[str, float]) -> list[str]:
+    started = time.perf_counter()
+    for b, video_id in enumerate(ids):
+        store.write_video(video_id, tokens[b].numpy())  # (V, T, L, D) float16
+    timers["write_s"] += time.perf_counter() - started
+    return list(ids)
+
+
+class _Batch:
+    def __init__(self) -> None:
+        self.ids: list[str] = []
+        self.frames: list[Any] = []  # (V, T, 3, S, S) per video
+        self.failures: list[tuple[str, str]] = []
+
+
+def _batches(decoded: Iterator[tuple[str, Any, str]], batch_size: int) -> Iterator[_Batch]:
+    """Group decoded videos into ViT batches of `batch_size` videos; failures ride along."""
+    batch = _Batch()
+    for video_id, pixels, error in decoded:
+        if error:
+            batch.failures.append((video_id, error))
+        else:
+            batch.ids.append(video_id)
+            batch.frames.append(pixels)
+        if len(batch.ids) >= batch_size:
+            yield batch
+            batch = _Batch()
+    if batch.ids or batch.failures:
+        yield batch
+
+
+def _decoded(videos: list[Video], config: Config, pool: ThreadPoolExecutor,
+             timers: dict[str, float]) -> Iterator[tuple[str, Any, str]]:  # fmt: skip
+    """(video_id, pixels (V, T, 3, S, S) or None, error) in order, decoded about two batches ahead."""
+    ahead = 2 * config.extract.batch_size + config.extract.decode_workers
+    decode = partial(_decode_video, config=config)
+    for (video_id, pixels, error, seconds), waited in prefetch_map(pool, decode, videos, ahead):
+        timers["decode_s"] += seconds
+        timers["decode_wait_s"] += waited
+        yield video_id, pixels, error
+
+
+def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float]:
+    """All views of one video as normalised pixels, or the reason it cannot be decoded."""
+    import torch
+
+    from pipeline.sampling import normalize_frames
+    from pipeline.video import VideoDecodeError, load_clip
+
+    video_id, path = video
+    started = time.perf_counter()
+    views = []
+    try:
+        for view in range(1 + config.cache.train_views):
+            frames = load_clip(
+                path,
+                config.model.num_frames,
+                config.model.image_size,
+                view=view,
+                seed=config.run.seed,
+                video_id=video_id,
+                backend=config.decode.backend,
+                threads=config.decode.threads,
+            )  # (T, S, S, 3) uint8
+            views.append(normalize_frames(frames))  # (T, 3, S, S)
+    except (VideoDecodeError, OSError, ValueError, RuntimeError) as e:
+        return video_id, None, _reason(e), time.perf_counter() - started
+    return video_id, torch.stack(views), "", time.perf_counter() - started  # (V, T, 3, S, S)
+
+
+def _reason(error: BaseException) -> str:
+    from pipeline.video import VideoDecodeError
+
+    if isinstance(error, VideoDecodeError):
+        return str(error)
+    if isinstance(error, FileNotFoundError):
+        return f"file not found: {error.filename or error}"
+    return f"{type(error).__name__}: {error}"
+
+
+# ----------------------------------------------------------------------------------------
+# Bookkeeping in the driver
+# ----------------------------------------------------------------------------------------
+
+
+class _Totals:
+    """What the tasks report, added up in the driver; the stage summary."""
+
+    TIMERS = ("decode_s", "decode_wait_s", "vit_s", "write_s")
+
+    def __init__(self, skipped: int, videos: int) -> None:
+        self.started = time.time()
+        self.videos, self.skipped, self.done = videos, skipped, 0
+        self.failures: dict[str, str] = {}
+        self.seconds = dict.fromkeys(self.TIMERS, 0.0)
+
+    def add(self, result: dict[str, Any], log: Any) -> None:
+        self.done += len(result["done"])
+        for video_id, reason in result["failed"].items():
+            log.warning("extract: %s failed: %s", video_id, reason)
+            self.failures[video_id] = reason
+        for key, value in result["seconds"].items():
+            self.seconds[key] += value
+
+    def summary(
+        self, mode: str, store: Any, vit: dict[str, Any], setup_s: float, seconds: float
+    ) -> dict[str, Any]:
+        working = time.time() - self.started
+        info = store.info()
+        return {
+            "mode": mode,
+            "store": str(store.path),
+            "videos": self.videos,
+            "done": self.done,
+            "skipped": self.skipped,
+            "failed": len(self.failures),
+            "failures": dict(list(self.failures.items())[:MAX_FAILURES_IN_SUMMARY]),
+            "store_done": info["done"],
+            "store_failed": len(info["failed"]),
+            "seconds": round(seconds, 2),
+            "setup_s": round(setup_s, 2),  # starting workers, loading and hashing the ViT
+            "videos_per_s": round((self.done + len(self.failures)) / working, 3) if working > 0 else 0.0,
+            **{k: round(v, 2) for k, v in self.seconds.items()},
+            "device": vit["device"],
+            "dtype": vit["dtype"],
+        }
