@@ -352,6 +352,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
+        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "eval.min_new_tokens",
         "run.seed",
     ),
     "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed"),

@@ -1,0 +1,163 @@
+"""Stage `scst`: self-critical sequence training with a CIDEr-D reward, from the best CE model.
+
+    vidcap scst --config configs/msrvtt_t5xl_lora_scst.yaml
+    torchrun --nproc_per_node 8 run_pipeline.py --config configs/msrvtt_t5xl_lora_scst.yaml --stages scst
+
+SCST done right (Rennie et al. 2017; see reference.md for what the method's public code got
+wrong). For each video of a batch:
+
+1. sample k = `scst.samples` captions (`generate(do_sample=True)`, no gradient, eval mode);
+2. baseline b: the reward of the greedy caption (`scst.baseline: greedy`) or the mean reward of
+   the other k-1 samples (`mean`);
+3. re-score the sampled token sequences with a teacher-forced forward pass, with gradient and
+   in train mode: log p(sample) summed over its tokens through EOS;
+4. reward r: CIDEr-D of each sample against ALL references of its video, with document
+   frequencies of the TRAINING references, computed once and cached in `cider_df.npz`;
+5. loss = -mean((r - b) * log p(sample)).
+
+Everything else (DDP, schedule, checkpoints, resume, validation, logs) is `pipeline.training.fit`,
+as for `train`. The starting model (`<run>/train/best`) is validated first and competes for
+`scst/best/`: if SCST never beats it, `best/` is the CE model and the summary says so.
+Outputs in `<run.output_dir>/scst/`: as `train/`, plus `cider_df.npz`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.cider import CiderD, DocumentFrequency, cider_d_reward, simple_tokenize
+from pipeline.config import Config
+from pipeline.stage import StageError
+from pipeline.training import BEST, LoopSettings, barrier, finish_stage, fit, open_stage, setup_distributed
+
+DF_FILE = "cider_df.npz"
+
+
+class ScstObjective:
+    """`(model, batch) -> (loss, logs)` for self-critical training.
+
+    `scorer` is anything with `score_candidates(video_ids, captions) -> np.ndarray` over
+    `simple_tokenize`d captions: a `CiderD` with the training references in the stage, a stub
+    in tests.
+    """
+
+    def __init__(
+        self,
+        scorer: Any,
+        samples: int = 5,
+        baseline: str = "greedy",
+        temperature: float = 1.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        max_new_tokens: int = 32,
+        min_new_tokens: int = 0,
+    ):
+        if baseline not in ("greedy", "mean"):
+            raise ValueError(f"baseline must be greedy or mean, got {baseline!r}")
+        self.scorer, self.k, self.baseline = scorer, samples, baseline
+        self.lengths = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
+        self.sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+
+    def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
+        frames, video_ids, k = batch["frame_tokens"], batch["video_ids"], self.k  # frames (B, T, L, D)
+        model.eval()  # sample the policy we deploy: no dropout
+        with torch.no_grad():
+            sampled = model.generate(
+                frames, num_beams=1, num_return_sequences=k, **self.sampling, **self.lengths
+            )
+            greedy = (
+                model.generate(frames, num_beams=1, **self.lengths) if self.baseline == "greedy" else None
+            )
+        model.train()
+        samples = [
+            [simple_tokenize(t) for t in sampled.texts[i * k : (i + 1) * k]] for i in range(len(video_ids))
+        ]
+        baselines = [simple_tokenize(t) for t in greedy.texts] if greedy is not None else None
+        reward, advantage = cider_d_reward(self.scorer, video_ids, samples, baselines)  # (B, k) each
+        logp = model.sequence_logprobs(frames, sampled.token_ids, repeats=k)  # (B*k,), with grad
+        weight = torch.as_tensor(advantage.reshape(-1), dtype=logp.dtype, device=logp.device)
+        loss = -(weight * logp).mean()
+        logs = {
+            "reward": float(reward.mean()),
+            "baseline": float((reward - advantage).mean()),
+            "advantage_std": float(advantage.std()),
+            "sample_words": float(np.mean([len(s.split()) for row in samples for s in row])),
+            "sample_logprob": logp.detach().mean(),
+        }
+        return loss, logs
+
+
+def training_scorer(references: dict[str, Sequence[str]], cache: Path, env: Any) -> CiderD:
+    """CIDEr-D over all training references, df computed once by rank 0 and cached in `cache`."""
+    tokenised = {v: [simple_tokenize(c) for c in caps] for v, caps in references.items() if caps}
+    if env.master_process and not _df_matches(cache, len(tokenised)):
+        tmp = cache.with_name(f".{cache.stem}.tmp.npz")
+        CiderD(tokenised).save(tmp)
+        os.replace(tmp, cache)
+    barrier(env)
+    return CiderD(tokenised, df=DocumentFrequency.load(cache))
+
+
+def _df_matches(path: Path, num_videos: int) -> bool:
+    try:
+        return DocumentFrequency.load(path).num_docs == num_videos
+    except (OSError, ValueError, KeyError):
+        return False
+
+
+def run(config: Config, force: bool = False) -> dict[str, Any]:
+    """Self-critical training from `<run>/train/best`; returns the summary (best val CIDEr-D, whether SCST beat CE)."""
+    from pipeline.annotations import load_manifest
+    from pipeline.model import VideoCaptioner
+    from stages.train import build_job
+
+    env = setup_distributed(config.run.device)
+    stage = open_stage(config, "scst", force, env)
+    if stage.done:
+        return stage.summary
+    start = config.stage_dir("train") / BEST
+    if not (start / "video_model.json").is_file():
+        raise StageError(
+            f"scst starts from the best CE model, but {start} does not exist: run the train stage first"
+        )
+    torch.manual_seed(config.run.seed)
+    model = VideoCaptioner.from_trained(start, device=env.device, load_vision=config.train.source == "video")
+    job = build_job(config, model, stage, env, LoopSettings.from_scst(config), start_is_candidate=True)
+    manifest = load_manifest(config.data)
+    scorer = training_scorer(manifest.references(config.data.train_split), stage.dir / DF_FILE, env)
+    s = config.scst
+    objective = ScstObjective(
+        scorer,
+        s.samples,
+        s.baseline,
+        s.temperature,
+        s.top_k,
+        s.top_p,
+        s.max_new_tokens,
+        min_new_tokens=config.eval.min_new_tokens,
+    )
+    stage.log.info(
+        "scst from %s: %d videos, %d steps per epoch, k=%d samples, %s baseline",
+        start,
+        len(job.plan.videos),
+        job.plan.steps_per_epoch,
+        s.samples,
+        s.baseline,
+    )
+    result = fit(model, objective, job)
+    summary = {k: v for k, v in result.items() if k != "history"}
+    summary["ce_val_cider"] = result["start_val_cider"]
+    summary["improved_over_ce"] = result["best_epoch"] > 0
+    summary["started_from"] = str(start)
+    if not summary["improved_over_ce"]:
+        stage.log.warning(
+            "SCST never beat the CE model's validation CIDEr-D (%.4f): best/ is the CE model",
+            result["start_val_cider"],
+        )
+    return finish_stage(stage, env, summary)

@@ -1,0 +1,338 @@
+"""The shared training mechanism: sources, data plan, optimiser groups, LR schedule, trainable sets.
+
+`tiny_world` (also used by test_train_stage.py and test_scst.py) builds, once per test session,
+a synthetic world, a tiny random BLIP-2 (T5 flavour) and a feature cache filled with that
+model's ViT tokens of `load_clip` frames (3 views: evaluation + 2 augmented).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import ModelConfig, config_from_dict
+from pipeline.data import CacheSource, Sharding, TrainPlan, VideoSource, check_batch_split
+from pipeline.training import (
+    LoopSettings,
+    WarmupCosine,
+    build_optimizer,
+    param_groups,
+    rng_state,
+    set_rng_state,
+)
+
+NUM_FRAMES, IMAGE_SIZE, TRAIN_VIEWS = 4, 32, 2
+
+
+def build_tiny_world(root: Path, num_videos: int = 20) -> dict[str, str]:
+    """World + tiny model + filled cache under `root`, built once (a marker file says it is complete)."""
+    ready = root / "ready.json"
+    if ready.exists():
+        return json.loads(ready.read_text())
+    from cache.store import FeatureStore
+    from pipeline.model import VideoCaptioner
+    from pipeline.sampling import normalize_frames
+    from pipeline.synth import make_synthetic_world
+    from pipeline.testmodels import init_model
+    from pipeline.video import load_clip
+
+    world = make_synthetic_world(root / "world", num_videos=num_videos, seed=0)
+    model_dir = init_model(root / "tiny-t5", "tiny-t5", vocab_from=world["annotations"], seed=0)
+    cfg = ModelConfig(pretrained=str(model_dir), num_frames=NUM_FRAMES, image_size=IMAGE_SIZE)
+    model = VideoCaptioner.from_pretrained(model_dir, cfg, load_vision=True)
+    rows = [json.loads(line) for line in Path(world["annotations"]).read_text().splitlines()]
+    store = FeatureStore.create(
+        root / "features.zarr",
+        [r["video_id"] for r in rows],
+        num_views=1 + TRAIN_VIEWS,
+        num_frames=NUM_FRAMES,
+        tokens_per_frame=model.tokens_per_frame,
+        width=model.vision_width,
+        fingerprint={"test": "tiny"},
+    )
+    for row in rows:
+        path = str(Path(world["videos"]) / row["video"])
+        clips = np.stack(
+            [
+                load_clip(
+                    path, NUM_FRAMES, IMAGE_SIZE, view=v, seed=0, video_id=row["video_id"], backend="pyav"
+                )
+                for v in range(1 + TRAIN_VIEWS)
+            ]
+        )
+        store.write_video(row["video_id"], model.encode_frames(normalize_frames(clips)))  # (V, T, L, D)
+    paths = {
+        "annotations": world["annotations"],
+        "videos": world["videos"],
+        "model": str(model_dir),
+        "cache": str(root / "features.zarr"),
+        "root": str(root),
+    }
+    ready.write_text(json.dumps(paths))
+    return paths
+
+
+def tiny_config(world: dict[str, str], out_dir: str | Path, **sections):
+    raw = {
+        "run": {"output_dir": str(out_dir), "seed": 0, "device": "cpu"},
+        "data": {"annotations": world["annotations"], "video_root": world["videos"]},
+        "decode": {"backend": "pyav"},
+        "model": {"pretrained": world["model"], "num_frames": NUM_FRAMES, "image_size": IMAGE_SIZE},
+        "cache": {"path": world["cache"], "train_views": TRAIN_VIEWS},
+        "train": {
+            "epochs": 2,
+            "batch_size": 4,
+            "warmup_steps": 2,
+            "lr": 1e-3,
+            "min_lr": 1e-4,
+            "checkpoint_every": 2,
+            "log_every": 1,
+            "num_workers": 0,
+            "val_max_videos": 4,
+        },
+        "eval": {"batch_size": 4, "max_new_tokens": 8, "min_new_tokens": 1},
+    }
+    for section, values in sections.items():
+        raw.setdefault(section, {}).update(values)
+    return config_from_dict(raw)
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory):
+    torch.set_num_threads(1)  # 2 shared cores: more threads only add contention for these tiny models
+    return build_tiny_world(tmp_path_factory.getbasetemp() / "train_world")
+
+
+def _model(world, load_vision=False, **settings):
+    from pipeline.model import VideoCaptioner
+
+    cfg = ModelConfig(pretrained=world["model"], num_frames=NUM_FRAMES, image_size=IMAGE_SIZE, **settings)
+    torch.manual_seed(0)
+    return VideoCaptioner.from_pretrained(world["model"], cfg, load_vision=load_vision)
+
+
+# ---------------------------------------------------------------------------------------
+# Sources
+# ---------------------------------------------------------------------------------------
+
+
+def test_ce_loss_from_cache_equals_loss_from_video(tiny_world):
+    from cache.store import FeatureStore
+    from pipeline.annotations import load_manifest
+
+    config = tiny_config(tiny_world, "unused")
+    model = _model(tiny_world, load_vision=True)
+    records = load_manifest(config.data).split("train")[:3]
+    ids, views = [r.video_id for r in records], [0, 1, 2]
+    captions = ["a red square moves left", "a blue circle is moving up", "the green triangle goes down"]
+    cache = CacheSource(FeatureStore.open(tiny_world["cache"]))
+    video = VideoSource(records, model, config.decode, config.model, seed=config.run.seed, num_views=3)
+    from_cache = cache.frame_tokens(ids, views)  # (B, T, L, D) float32, from float16
+    from_video = video.frame_tokens(ids, views)
+    assert from_cache.shape == from_video.shape == (3, NUM_FRAMES, 17, 32)
+    assert from_cache.dtype == from_video.dtype == torch.float32
+    torch.testing.assert_close(from_cache, from_video, rtol=2e-3, atol=2e-3)  # float16 rounding
+    with torch.no_grad():
+        loss_cache, loss_video = model.ce_loss(from_cache, captions), model.ce_loss(from_video, captions)
+    assert abs(loss_cache.item() - loss_video.item()) < 1e-3 * loss_video.item()
+    # different views really are different frames (the test would be vacuous otherwise)
+    assert not torch.allclose(from_video[0], video.frame_tokens(ids[:1], [1])[0], atol=1e-2)
+
+
+def test_cache_source_lists_only_done_videos(tiny_world):
+    from cache.store import FeatureStore
+
+    source = CacheSource(FeatureStore.open(tiny_world["cache"]))
+    assert source.num_views == 1 + TRAIN_VIEWS
+    assert source.available(["synth0000", "nope"]) == ["synth0000"]
+
+
+def test_a_cache_of_other_shapes_is_refused_with_the_differences(tiny_world):
+    from cache.store import StoreError
+    from pipeline.data import make_source
+
+    config = tiny_config(tiny_world, "unused", model={"num_frames": 3}, cache={"train_views": 1})
+    with pytest.raises(
+        StoreError, match=r"(?s)frames: cache 4, config/model 3.*views: cache 3, config/model 2"
+    ):
+        make_source(config, None, [], "cache")
+
+
+# ---------------------------------------------------------------------------------------
+# Data plan
+# ---------------------------------------------------------------------------------------
+
+
+def _records(n=10, captions=3):
+    from pipeline.annotations import VideoRecord
+
+    return [
+        VideoRecord(f"v{i}", f"/x/v{i}.mp4", "train", tuple(f"Caption {j} of v{i}." for j in range(captions)))
+        for i in range(n)
+    ]
+
+
+def test_plan_is_a_function_of_seed_and_epoch():
+    plan = TrainPlan(_records(), seed=1, captions="sample", num_views=3, global_batch=4)
+    assert plan.steps_per_epoch == 3  # ceil(10 / 4): the last batch wraps around
+    first, again, other = plan.epoch(0), TrainPlan(_records(), 1, "sample", 3, 4).epoch(0), plan.epoch(1)
+    assert first == again and first != other
+    assert len(first) == 12 and {e.video_id for e in first} == {f"v{i}" for i in range(10)}
+    assert {e.view for e in first} <= {1, 2} and len({e.view for e in first}) == 2
+    assert all(e.caption.startswith("caption ") and not e.caption.endswith(".") for e in first)  # cleaned
+    assert {e.view for e in TrainPlan(_records(), 1, "sample", num_views=1, global_batch=4).epoch(0)} == {0}
+
+
+def test_plan_all_captions_covers_every_pair():
+    plan = TrainPlan(_records(5, 3), seed=0, captions="all", global_batch=5)
+    examples = plan.epoch(0)
+    assert plan.steps_per_epoch == 3 and len({(e.video_id, e.caption) for e in examples}) == 15
+
+
+def test_ranks_split_each_global_batch_without_overlap():
+    plan = TrainPlan(_records(16), seed=0, global_batch=8)
+    shards = [plan.micro_batches(0, Sharding(8, world_size=2, rank=r, grad_accum=2)) for r in range(2)]
+    assert [len(s) for s in shards] == [4, 4]  # 2 steps x 2 micro-batches of 2
+    whole = plan.epoch(0)
+    for step in range(2):
+        got = [e for rank in range(2) for e in shards[rank][2 * step] + shards[rank][2 * step + 1]]
+        assert got == whole[8 * step : 8 * (step + 1)]
+    resumed = plan.micro_batches(0, Sharding(8, 2, 1, 2), start_step=1)
+    assert resumed == shards[1][2:]
+
+
+def test_batch_split_error_names_the_keys():
+    assert check_batch_split(64, 8, 2, "train.batch_size", "train.grad_accum") == 4
+    with pytest.raises(ValueError, match=r"train.batch_size \(12\).*WORLD_SIZE \(8\).*train.grad_accum"):
+        check_batch_split(12, 8, 1, "train.batch_size", "train.grad_accum")
+
+
+# ---------------------------------------------------------------------------------------
+# Optimiser, schedule, RNG
+# ---------------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_peak_cosine_end():
+    schedule = WarmupCosine(lr=5e-5, min_lr=1e-5, warmup_lr=1e-8, warmup_steps=100, total_steps=1000)
+    assert schedule.lr_at(0) == pytest.approx(1e-8)
+    assert schedule.lr_at(50) == pytest.approx((1e-8 + 5e-5) / 2)
+    assert schedule.lr_at(100) == pytest.approx(5e-5)
+    assert schedule.lr_at(550) == pytest.approx(3e-5)  # half way down the cosine
+    assert schedule.lr_at(1000) == pytest.approx(1e-5)
+    lrs = [schedule.lr_at(s) for s in range(1001)]
+    assert all(a <= b for a, b in zip(lrs[:100], lrs[1:101], strict=False)) and all(
+        a >= b for a, b in zip(lrs[100:], lrs[101:], strict=False)
+    )
+    # through the real optimizer and LambdaLR
+    model = torch.nn.Linear(2, 2)
+    settings = LoopSettings(
+        epochs=1,
+        batch_size=1,
+        lr=5e-5,
+        min_lr=1e-5,
+        warmup_lr=1e-8,
+        warmup_steps=100,
+        weight_decay=0.05,
+        grad_clip=1,
+        checkpoint_every=1,
+        log_every=1,
+        seed=0,
+    )
+    optimizer, scheduler = build_optimizer(model, settings, total_steps=1000)
+    seen = []
+    for _ in range(1000):
+        seen.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert seen[0] == pytest.approx(1e-8) and seen[100] == pytest.approx(5e-5)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-5) and math.isclose(
+        seen[-1], 1e-5, rel_tol=1e-3
+    )
+
+
+def test_no_weight_decay_on_biases_norms_embeddings_query_tokens(tiny_world):
+    model = _model(tiny_world, temporal_embeddings=True)
+    decay, no_decay = param_groups(model, 0.05)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert "blip.query_tokens" in skipped and "temporal_embeddings" in skipped
+    assert any("layernorm" in n.lower() or "LayerNorm" in n for n in skipped)
+    assert all(not n.endswith(".bias") for n in decayed) and any(n.endswith(".bias") for n in skipped)
+    assert "blip.language_projection.weight" in decayed
+    assert any("qformer" in n and "attention" in n and n.endswith("weight") for n in decayed)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert decayed | skipped == trainable and not decayed & skipped
+
+
+def test_rng_state_round_trips_through_weights_only_load(tmp_path):
+    import random
+
+    torch.save({"rng": rng_state()}, tmp_path / "s.pt")
+    expected = (random.random(), np.random.rand(), torch.rand(3))
+    set_rng_state(torch.load(tmp_path / "s.pt", weights_only=True)["rng"])
+    got = (random.random(), np.random.rand(), torch.rand(3))
+    assert got[0] == expected[0] and got[1] == expected[1] and torch.equal(got[2], expected[2])
+
+
+# ---------------------------------------------------------------------------------------
+# What trains
+# ---------------------------------------------------------------------------------------
+
+
+def _expected_trainable(model, llm: str, lora_r: int = 8) -> int:
+    blip = model.blip
+    count = sum(p.numel() for p in blip.qformer.parameters()) + blip.query_tokens.numel()
+    count += sum(p.numel() for p in blip.language_projection.parameters())
+    if llm == "full":
+        count += sum(p.numel() for n, p in blip.language_model.named_parameters() if "lora_" not in n)
+    if llm == "lora":  # r x (in + out) per wrapped q / v projection of every attention block
+        linears = [
+            m
+            for n, m in model.language_model.named_modules()
+            if n.split(".")[-1] in ("q", "v") and hasattr(m, "base_layer")
+        ]
+        assert linears
+        count += sum(lora_r * (m.base_layer.in_features + m.base_layer.out_features) for m in linears)
+    return count
+
+
+@pytest.mark.parametrize("llm", ["frozen", "lora", "full"])
+def test_each_llm_mode_trains_exactly_its_parameters(tiny_world, llm):
+    model = _model(tiny_world, llm=llm)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == _expected_trainable(model, llm)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    settings = LoopSettings(
+        epochs=1,
+        batch_size=2,
+        lr=1e-2,
+        min_lr=1e-2,
+        warmup_steps=0,
+        weight_decay=0.05,
+        grad_clip=1.0,
+        checkpoint_every=1,
+        log_every=1,
+        seed=0,
+    )
+    optimizer, _ = build_optimizer(model, settings, total_steps=1)
+    model.train()
+    tokens = torch.randn(2, NUM_FRAMES, 17, 32)
+    model.ce_loss(tokens, ["a red square moves left", "a blue circle moves up"]).backward()
+    optimizer.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p.detach())}
+    assert changed <= trainable  # nothing frozen moved
+    assert any("qformer" in n for n in changed) and "blip.query_tokens" in changed
+    assert any("language_projection" in n for n in changed)
+    lm_changed = {n for n in changed if "language_model" in n}
+    if llm == "frozen":
+        assert not lm_changed
+    elif llm == "lora":
+        assert lm_changed and all("lora_" in n for n in lm_changed)
+    else:
+        assert any("lora_" not in n for n in lm_changed) and len(lm_changed) > 10
