@@ -119,6 +119,9 @@ class VideoCaptioner(nn.Module):
         device: str | torch.device | None,
         adapter_dir: Path | None = None,
     ) -> VideoCaptioner:
+        # A local folder is recorded as an absolute path, so exports load from any directory.
+        if Path(pretrained).is_dir():
+            pretrained = Path(pretrained).resolve()
         # fp32 weights are loaded exactly; frozen parts are cast down later (`_place`).
         blip = Blip2ForConditionalGeneration.from_pretrained(str(pretrained), dtype=torch.float32)
         if not load_vision:

@@ -2,6 +2,7 @@
 plain transformers forward, decoding, gradients, trainable sets, and the export format."""
 
 import dataclasses
+from pathlib import Path
 
 import pytest
 import torch
@@ -380,3 +381,13 @@ def test_cuda_defaults_to_bf16_autocast(folders, flavour):
     torch.testing.assert_close(
         model.sequence_logprobs(frames, out.token_ids).float(), out.logprobs, atol=0.1, rtol=0.05
     )
+
+
+def test_export_of_a_relative_local_folder_loads_from_anywhere(folders, tmp_path, monkeypatch):
+    base = Path(folders["tiny-t5"])
+    monkeypatch.chdir(base.parent)
+    model = make(base.name)  # a relative folder, as in configs/demo.yaml
+    assert model.pretrained == str(base.resolve())
+    out = model.save_trained(tmp_path / "export")
+    monkeypatch.chdir(tmp_path)
+    assert VideoCaptioner.from_trained(out, load_vision=False).pretrained == str(base.resolve())
