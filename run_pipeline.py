@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import STAGES, Config, ConfigError
-from pipeline.stage import atomic_write_json, read_done
+from pipeline.stage import atomic_write_json, configure_threads, read_done
 from pipeline.tinypretrain import PRETRAIN_FILE
 
 # Only the training stages run data-parallel; the others shard work through Dask instead.
@@ -43,6 +43,7 @@ def run_pipeline(
             f"run {', '.join(s for s in order if s not in DISTRIBUTED_STAGES)} without torchrun "
             "or pass --stages train,scst"
         )
+    configure_threads(config)
     if config.run.prepare == "demo" and master:
         prepare_demo(config)
 

@@ -90,7 +90,10 @@ def _stage_command(name: str, summary: str) -> None:
     def command(config_path: str | None, overrides: tuple[str, ...], force: bool) -> None:
         import importlib
 
+        from pipeline.stage import configure_threads
+
         config = _config(config_path, overrides)
+        configure_threads(config)
         stage = importlib.import_module(f"stages.{name}")
         _print_json(stage.run(config, force=force))
 
@@ -147,7 +150,10 @@ def caption(
     """
     from stages.caption import caption_videos
 
+    from pipeline.stage import configure_threads
+
     config = _config(config_path, overrides)
+    configure_threads(config)
     _print_json(caption_videos(list(inputs), model_path, out_path, config))
 
 

@@ -42,6 +42,8 @@ class RunConfig:
     """Seed for sampling views, data order and initialisation."""
     device: str = "auto"
     """`auto` (CUDA when present, else CPU), `cpu`, `cuda` or `cuda:N`."""
+    threads: int = 0
+    """CPU threads for torch in this process (0: torch's default; 1 suits tiny models beside decode threads)."""
     stages: list[str] = field(default_factory=lambda: ["extract", "train", "scst", "eval"])
     """Stages `run_pipeline.py` runs, in this order."""
     prepare: str = ""

@@ -160,6 +160,14 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def configure_threads(config: Config) -> None:
+    """Apply `run.threads` (torch's CPU threads) for this process; 0 leaves torch's default."""
+    if config.run.threads > 0:
+        import torch
+
+        torch.set_num_threads(config.run.threads)
+
+
 def resolve_device(spec: str) -> str:
     """`auto` -> `cuda` when available, else `cpu`; anything else is passed through."""
     import torch
