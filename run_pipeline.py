@@ -90,7 +90,9 @@ def collect_metrics(config: Config) -> dict[str, dict[str, float]]:
     """Metrics of every model the eval stage scored: {"zero_shot": {...}, "ce": {...}, "scst": {...}}."""
     metrics: dict[str, dict[str, float]] = {}
     eval_dir = config.stage_dir("eval")
-    for path in sorted(eval_dir.glob("*/metrics.json")) if eval_dir.exists() else []:
+    paths = eval_dir.glob("*/metrics.json") if eval_dir.exists() else []
+    listed = {name: i for i, name in enumerate(config.eval.models)}  # the config's order first
+    for path in sorted(paths, key=lambda p: (listed.get(p.parent.name, len(listed)), p.parent.name)):
         scores = json.loads(path.read_text())
         metrics[path.parent.name] = {k: v for k, v in scores.items() if isinstance(v, (int, float))}
     return metrics
