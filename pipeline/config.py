@@ -178,6 +178,8 @@ class TrainConfig:
     """Linear warmup steps."""
     weight_decay: float = 0.05
     """AdamW weight decay (not applied to biases, norms and embeddings)."""
+    temporal_lr_scale: float = 1.0
+    """Learning-rate multiplier of the temporal embeddings (new, zero-initialised; SCST uses it too)."""
     grad_clip: float = 1.0
     """Max gradient norm (0: off)."""
     captions: str = "sample"
@@ -351,6 +353,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.warmup_lr",
         "train.warmup_steps",
         "train.weight_decay",
+        "train.temporal_lr_scale",
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",

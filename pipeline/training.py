@@ -153,6 +153,7 @@ class LoopSettings:
     max_steps: int = 0
     """0: epochs decide."""
     num_workers: int = 0
+    temporal_lr_scale: float = 1.0
     batch_key: str = "train.batch_size"
     accum_key: str | None = "train.grad_accum"
 
@@ -173,6 +174,7 @@ class LoopSettings:
             log_every=t.log_every,
             seed=config.run.seed,
             num_workers=t.num_workers,
+            temporal_lr_scale=t.temporal_lr_scale,
         )
 
     @classmethod
@@ -192,24 +194,39 @@ class LoopSettings:
             seed=config.run.seed,
             max_steps=s.max_steps,
             num_workers=config.train.num_workers,
+            temporal_lr_scale=config.train.temporal_lr_scale,
             batch_key="scst.batch_size",
             accum_key=None,
         )
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
-    """Trainable parameters in two AdamW groups: decayed weight matrices, and the rest.
+def param_groups(
+    model: torch.nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
+) -> list[dict[str, Any]]:
+    """Trainable parameters in AdamW groups: decayed weight matrices, and the rest.
 
     No decay on biases, norms, embeddings and the query tokens (learned inputs, not weights
-    of a linear map), nor on any 1-d parameter.
+    of a linear map), nor on any 1-d parameter. `lr_scales` maps a name fragment to a
+    learning-rate multiplier: matching parameters get a group of their own (no decay) with
+    an `lr_scale` key that `build_optimizer` turns into the group's learning rate.
     """
+    lr_scales = {k: v for k, v in (lr_scales or {}).items() if v != 1.0}
     decay, no_decay = [], []
+    scaled: dict[str, list[torch.nn.Parameter]] = {key: [] for key in lr_scales}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        skip = p.ndim < 2 or any(key in name.lower() for key in NO_DECAY_NAMES)
+        key = next((k for k in lr_scales if k in name), None)
+        if key is not None:
+            scaled[key].append(p)
+            continue
+        skip = p.ndim < 2 or any(k in name.lower() for k in NO_DECAY_NAMES)
         (no_decay if skip else decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups += [
+        {"params": ps, "weight_decay": 0.0, "lr_scale": lr_scales[k]} for k, ps in scaled.items() if ps
+    ]
+    return groups
 
 
 class WarmupCosine:
@@ -235,7 +252,9 @@ class WarmupCosine:
 
 
 def build_optimizer(model: torch.nn.Module, settings: LoopSettings, total_steps: int) -> tuple[Any, Any]:
-    groups = param_groups(model, settings.weight_decay)
+    groups = param_groups(model, settings.weight_decay, {"temporal_embeddings": settings.temporal_lr_scale})
+    for group in groups:
+        group["lr"] = settings.lr * group.pop("lr_scale", 1.0)  # LambdaLR scales every group alike
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), **fused)
     schedule = WarmupCosine(

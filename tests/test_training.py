@@ -336,3 +336,32 @@ def test_each_llm_mode_trains_exactly_its_parameters(tiny_world, llm):
         assert lm_changed and all("lora_" in n for n in lm_changed)
     else:
         assert any("lora_" not in n for n in lm_changed) and len(lm_changed) > 10
+
+
+def test_temporal_embeddings_get_their_own_learning_rate(tiny_world):
+    from pipeline.training import LoopSettings, build_optimizer
+
+    model = _model(tiny_world, temporal_embeddings=True)
+    groups = param_groups(model, 0.05, {"temporal_embeddings": 10.0})
+    assert len(groups) == 3 and groups[2]["lr_scale"] == 10.0 and groups[2]["weight_decay"] == 0.0
+    assert [p.shape for p in groups[2]["params"]] == [model.temporal_embeddings.shape]
+    assert len(param_groups(model, 0.05, {"temporal_embeddings": 1.0})) == 2  # no-op scale: no group
+    settings = LoopSettings(
+        epochs=1,
+        batch_size=2,
+        lr=1e-3,
+        min_lr=1e-4,
+        warmup_steps=0,
+        weight_decay=0.05,
+        grad_clip=1.0,
+        checkpoint_every=10,
+        log_every=1,
+        seed=0,
+        temporal_lr_scale=10.0,
+    )
+    optimizer, schedule = build_optimizer(model, settings, total_steps=10)
+    assert [g["lr"] for g in optimizer.param_groups] == pytest.approx([1e-3, 1e-3, 1e-2])
+    optimizer.step()
+    schedule.step()
+    lrs = [g["lr"] for g in optimizer.param_groups]
+    assert lrs[2] == pytest.approx(10 * lrs[0]) and lrs[0] < 1e-3  # decays with the others
