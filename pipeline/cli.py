@@ -269,5 +269,13 @@ def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(yaml.safe_dump(_config(config_path, overrides).to_dict(), sort_keys=False))
 
 
+def _register_ablate() -> None:
+    from pipeline.ablations import ablate
+
+    main.add_command(ablate)
+
+
+_register_ablate()
+
 if __name__ == "__main__":
     main()
