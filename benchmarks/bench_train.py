@@ -57,7 +57,7 @@ def time_steps(config, source_kind: str, steps: int, warmup: int = 2) -> tuple[f
     from pipeline.annotations import load_manifest
     from pipeline.data import Sharding, TrainPlan, make_loader, make_source, to_device
     from pipeline.model import VideoCaptioner
-    from pipeline.training import LoopSettings, build_optimizer
+    from pipeline.optim import LoopSettings, build_optimizer
     from stages.train import ce_objective
 
     model = VideoCaptioner.from_pretrained(

@@ -59,7 +59,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from pipeline.stage import atomic_write_bytes
+from pipeline.stage import atomic_write_bytes, fsync_path
 
 FORMAT_VERSION = 1
 CODECS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none")
@@ -356,9 +356,9 @@ class FeatureStore:
             key = tokens.metadata.encode_chunk_key((index, view, 0, 0, 0))
             chunk = self.path / "tokens" / key
             dirs.add(chunk.parent)
-            _fsync_path(chunk)
+            fsync_path(chunk)
         for d in dirs:
-            _fsync_path(d)
+            fsync_path(d)
 
     # ---------------------------------------------------------------- status
 
@@ -537,17 +537,6 @@ def _as_float16(tokens: Any) -> np.ndarray:
 def _jsonable(obj: dict[str, Any]) -> dict[str, Any]:
     """What the attributes will hold: tuples become lists, paths strings."""
     return json.loads(json.dumps(obj, default=str))
-
-
-def _fsync_path(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return  # an all-zero chunk is not stored by zarr (it reads back as the fill value)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _disk_bytes(path: Path) -> int:

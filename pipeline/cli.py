@@ -148,9 +148,8 @@ def caption(
     Re-running with the same --out skips videos already captioned; unreadable videos get an
     `error` record and never stop the run.
     """
-    from stages.caption import caption_videos
-
     from pipeline.stage import configure_threads
+    from stages.caption import caption_videos
 
     config = _config(config_path, overrides)
     configure_threads(config)

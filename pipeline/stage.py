@@ -160,6 +160,28 @@ def atomic_write_json(path: str | Path, obj: Any) -> None:
     atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
 
 
+def fsync_path(path: str | Path) -> None:
+    """Flush a file's or a folder's entry to disk (a folder: so a rename in it survives a crash).
+
+    A path that does not exist is skipped: zarr does not store an all-zero chunk.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(folder: Path) -> None:
+    """`fsync_path` on everything under `folder`, deepest first, then `folder` itself."""
+    for path in sorted(folder.rglob("*"), reverse=True):
+        fsync_path(path)
+    fsync_path(folder)
+
+
 def configure_threads(config: Config) -> None:
     """Apply `run.threads` (torch's CPU threads) for this process; 0 leaves torch's default."""
     if config.run.threads > 0:

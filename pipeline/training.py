@@ -4,431 +4,59 @@ A stage hands `fit` a model, an *objective* and data; the objective is a small f
 
     objective(model, batch) -> (loss, logs)     # batch: {"video_ids", "frame_tokens", "captions"}
 
-so CE and SCST differ only in that function. Everything else lives here, once:
+so CE and SCST differ only in that function. Everything else is shared, once:
 
-* DDP: a plain block keyed on torchrun's `RANK` / `LOCAL_RANK` / `WORLD_SIZE` (NCCL on CUDA,
-  gloo on CPU); `master_process` (rank 0) alone writes files. The configured batch is the
-  global batch: per rank it is `batch / world_size / grad_accum` per micro-step.
-* AdamW without weight decay on biases, norms, embeddings and query tokens; linear warmup
-  from `warmup_lr` to `lr`, then cosine down to `min_lr` at the last step; gradient clipping
-  and accumulation. Mixed precision (bf16 autocast on CUDA, never fp16) is the model's own.
-* Checkpoints every `checkpoint_every` steps and at each epoch end, in
-  `<stage>/checkpoints/step_XXXXXXXX/`: trainable weights (safetensors), optimizer, scheduler,
-  every rank's RNG states, the data position and the best score so far. A checkpoint is built
-  in a hidden folder and renamed into place, so a kill leaves the previous ones intact; the
-  last two are kept. A re-run resumes from the latest and, on CPU, reproduces the uninterrupted
-  run bit for bit (the data plan is a function of (seed, epoch), RNG states are restored).
+* DDP (`pipeline.distributed`): NCCL on CUDA, gloo on CPU; rank 0 alone writes files. The
+  configured batch is the global batch: per rank it is `batch / world_size / grad_accum`
+  per micro-step.
+* AdamW and the warmup-then-cosine schedule (`pipeline.optim`); gradient clipping and
+  accumulation here. Mixed precision (bf16 autocast on CUDA, never fp16) is the model's own.
+* Checkpoints (`pipeline.checkpoints`) every `checkpoint_every` steps and at each epoch end.
+  A re-run resumes from the latest and, on CPU, reproduces the uninterrupted run bit for bit
+  (the data plan is a function of (seed, epoch), RNG states are restored).
 * Validation at the start and after each epoch: greedy captions for the validation videos,
   scored with CIDEr-D (document frequencies of the validation references, like coco-caption).
   Greedy and not the beam search of `eval`: several times cheaper, and it ranks checkpoints the
   same way in practice; `eval` reports the beam-search numbers. The best model is kept in
   `<stage>/best/` in `VideoCaptioner.save_trained` format, with `best/val_score.json`.
-* Logs: `metrics.jsonl` (`kind: step` every `log_every` steps, `kind: epoch` per validation),
-  TensorBoard events in `tensorboard/` when tensorboard is installed, and `curves.png`.
+* Logs (`pipeline.runlog`): `metrics.jsonl`, TensorBoard events when tensorboard is
+  installed, and `curves.png`.
 """
 
 from __future__ import annotations
 
-import atexit
 import contextlib
-import io
-import json
 import logging
 import math
-import os
-import random
-import re
-import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 
+from pipeline.checkpoints import (
+    LoopState,
+    check_checkpoint_settings,
+    latest_checkpoint,
+    load_checkpoint,
+    recover_dir,
+    replace_dir,
+    save_checkpoint,
+    seed_everything,
+)
 from pipeline.data import Sharding, TrainPlan, check_batch_split, iterate_videos, make_loader, to_device
-from pipeline.stage import StageError, atomic_write_bytes, atomic_write_json, progress, resolve_device
+from pipeline.distributed import DistEnv, barrier, broadcast, gather
+from pipeline.optim import LoopSettings, build_optimizer
+from pipeline.runlog import MetricsLog
+from pipeline.stage import StageError, atomic_write_json, progress
 
 Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 
-CHECKPOINTS = "checkpoints"
 BEST = "best"
 BEST_SCORE_FILE = "val_score.json"
-METRICS_FILE = "metrics.jsonl"
-CURVES_FILE = "curves.png"
-KEEP_CHECKPOINTS = 2
-NO_DECAY_NAMES = ("bias", "norm", "embed", "query_tokens")
-_STEP_DIR = re.compile(r"^step_(\d{8})$")
-
-
-# ---------------------------------------------------------------------------------------
-# Distributed setup (torchrun)
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class DistEnv:
-    rank: int = 0
-    local_rank: int = 0
-    world_size: int = 1
-    device: str = "cpu"
-
-    @property
-    def master_process(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def ddp(self) -> bool:
-        return self.world_size > 1
-
-
-def setup_distributed(device_spec: str = "auto") -> DistEnv:
-    """Join the torchrun process group when `RANK` is set; otherwise a single process."""
-    if int(os.environ.get("RANK", -1)) == -1:
-        return DistEnv(device=resolve_device(device_spec))
-    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
-    world_size = int(os.environ["WORLD_SIZE"])
-    device = resolve_device(device_spec)
-    if device.startswith("cuda"):
-        device = f"cuda:{local_rank}"  # one GPU per process
-        torch.cuda.set_device(device)
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
-        atexit.register(_destroy_process_group)
-    return DistEnv(rank, local_rank, world_size, device)
-
-
-def _destroy_process_group() -> None:
-    if dist.is_initialized():
-        dist.destroy_process_group()
-
-
-def barrier(env: DistEnv) -> None:
-    if env.ddp:
-        dist.barrier()
-
-
-def broadcast(env: DistEnv, obj: Any) -> Any:
-    """Rank 0's `obj` on every rank."""
-    if not env.ddp:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def gather(env: DistEnv, obj: Any) -> list[Any]:
-    """Every rank's `obj`, in rank order (on every rank)."""
-    if not env.ddp:
-        return [obj]
-    out: list[Any] = [None] * env.world_size
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ---------------------------------------------------------------------------------------
-# Optimiser and learning-rate schedule
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoopSettings:
-    """What `fit` needs from `TrainConfig` / `ScstConfig` (see `from_train`, `from_scst`)."""
-
-    epochs: int
-    batch_size: int
-    lr: float
-    min_lr: float
-    warmup_steps: int
-    weight_decay: float
-    grad_clip: float
-    checkpoint_every: int
-    log_every: int
-    seed: int
-    warmup_lr: float = 0.0
-    grad_accum: int = 1
-    max_steps: int = 0
-    """0: epochs decide."""
-    num_workers: int = 0
-    temporal_lr_scale: float = 1.0
-    batch_key: str = "train.batch_size"
-    accum_key: str | None = "train.grad_accum"
-
-    @classmethod
-    def from_train(cls, config: Any) -> LoopSettings:
-        t = config.train
-        return cls(
-            epochs=t.epochs,
-            batch_size=t.batch_size,
-            grad_accum=t.grad_accum,
-            lr=t.lr,
-            min_lr=t.min_lr,
-            warmup_lr=t.warmup_lr,
-            warmup_steps=t.warmup_steps,
-            weight_decay=t.weight_decay,
-            grad_clip=t.grad_clip,
-            checkpoint_every=t.checkpoint_every,
-            log_every=t.log_every,
-            seed=config.run.seed,
-            num_workers=t.num_workers,
-            temporal_lr_scale=t.temporal_lr_scale,
-        )
-
-    @classmethod
-    def from_scst(cls, config: Any) -> LoopSettings:
-        s = config.scst
-        return cls(
-            epochs=s.epochs,
-            batch_size=s.batch_size,
-            lr=s.lr,
-            min_lr=s.min_lr,
-            warmup_lr=config.train.warmup_lr,
-            warmup_steps=s.warmup_steps,
-            weight_decay=s.weight_decay,
-            grad_clip=s.grad_clip,
-            checkpoint_every=s.checkpoint_every,
-            log_every=s.log_every,
-            seed=config.run.seed,
-            max_steps=s.max_steps,
-            num_workers=config.train.num_workers,
-            temporal_lr_scale=config.train.temporal_lr_scale,
-            batch_key="scst.batch_size",
-            accum_key=None,
-        )
-
-
-def param_groups(
-    model: torch.nn.Module, weight_decay: float, lr_scales: dict[str, float] | None = None
-) -> list[dict[str, Any]]:
-    """Trainable parameters in AdamW groups: decayed weight matrices, and the rest.
-
-    No decay on biases, norms, embeddings and the query tokens (learned inputs, not weights
-    of a linear map), nor on any 1-d parameter. `lr_scales` maps a name fragment to a
-    learning-rate multiplier: matching parameters get a group of their own (no decay) with
-    an `lr_scale` key that `build_optimizer` turns into the group's learning rate.
-    """
-    lr_scales = {k: v for k, v in (lr_scales or {}).items() if v != 1.0}
-    decay, no_decay = [], []
-    scaled: dict[str, list[torch.nn.Parameter]] = {key: [] for key in lr_scales}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        key = next((k for k in lr_scales if k in name), None)
-        if key is not None:
-            scaled[key].append(p)
-            continue
-        skip = p.ndim < 2 or any(k in name.lower() for k in NO_DECAY_NAMES)
-        (no_decay if skip else decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [
-        {"params": ps, "weight_decay": 0.0, "lr_scale": lr_scales[k]} for k, ps in scaled.items() if ps
-    ]
-    return groups
-
-
-class WarmupCosine:
-    """LR multiplier for `LambdaLR`: linear `warmup_lr -> lr` over `warmup_steps`, cosine to `min_lr`.
-
-    Step `total_steps` reaches exactly `min_lr`. A plain object of floats, so the scheduler's
-    state dict holds it and loads with `torch.load(weights_only=True)`.
-    """
-
-    def __init__(self, lr: float, min_lr: float, warmup_lr: float, warmup_steps: int, total_steps: int):
-        self.lr, self.min_lr, self.warmup_lr = lr, min_lr, warmup_lr
-        self.warmup_steps, self.total_steps = warmup_steps, max(total_steps, 1)
-
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup_steps:
-            return self.warmup_lr + (self.lr - self.warmup_lr) * step / self.warmup_steps
-        decay_steps = max(self.total_steps - self.warmup_steps, 1)
-        progress_ = min((step - self.warmup_steps) / decay_steps, 1.0)
-        return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1 + math.cos(math.pi * progress_))
-
-    def __call__(self, step: int) -> float:
-        return self.lr_at(step) / self.lr if self.lr else 0.0
-
-
-def build_optimizer(model: torch.nn.Module, settings: LoopSettings, total_steps: int) -> tuple[Any, Any]:
-    groups = param_groups(model, settings.weight_decay, {"temporal_embeddings": settings.temporal_lr_scale})
-    for group in groups:
-        group["lr"] = settings.lr * group.pop("lr_scale", 1.0)  # LambdaLR scales every group alike
-    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
-    optimizer = torch.optim.AdamW(groups, lr=settings.lr, betas=(0.9, 0.999), **fused)
-    schedule = WarmupCosine(
-        settings.lr, settings.min_lr, settings.warmup_lr, settings.warmup_steps, total_steps
-    )
-    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-
-
-# ---------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------
-
-
-@dataclass
-class LoopState:
-    """Where training is; saved in every checkpoint."""
-
-    global_step: int = 0
-    best_cider: float = -1.0
-    best_epoch: int = -1
-    best_step: int = -1
-    start_cider: float | None = None
-    last_cider: float | None = None
-    epoch_loss_sum: float = 0.0
-    epoch_loss_steps: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)
-    """Validation results: [{"epoch", "step", "val_cider"}]."""
-
-
-def rng_state() -> dict[str, Any]:
-    """This process's RNG states, as tensors and plain lists (loadable with weights_only=True)."""
-    version, mt, gauss = random.getstate()
-    _, keys, pos, has_gauss, cached = np.random.get_state()
-    return {
-        "python": [version, list(mt), gauss],
-        "numpy": [torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached)],
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-    }
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    version, mt, gauss = state["python"]
-    random.setstate((version, tuple(mt), gauss))
-    keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state(("MT19937", keys.numpy().astype(np.uint32), pos, has_gauss, cached))
-    torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-def latest_checkpoint(stage_dir: Path) -> Path | None:
-    folder = stage_dir / CHECKPOINTS
-    if not folder.is_dir():
-        return None
-    steps = sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name))
-    return steps[-1] if steps else None
-
-
-def save_checkpoint(
-    stage_dir: Path,
-    model: Any,
-    optimizer: Any,
-    scheduler: Any,
-    state: LoopState,
-    env: DistEnv,
-    meta: dict[str, Any],
-) -> Path | None:
-    """Write `checkpoints/step_XXXXXXXX/` atomically (rank 0); every rank must call it (RNG gather)."""
-    from safetensors.torch import save_file
-
-    rngs = gather(env, rng_state())
-    if not env.master_process:
-        return None
-    folder = stage_dir / CHECKPOINTS
-    final = folder / f"step_{state.global_step:08d}"
-    tmp = folder / f".tmp-{final.name}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    weights = {
-        k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state_dict().items()
-    }
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "state": asdict(state),
-        },
-        tmp / "state.pt",
-    )
-    atomic_write_json(tmp / "meta.json", {**meta, "step": state.global_step, "world_size": env.world_size})
-    _fsync_tree(tmp)
-    if final.exists():  # a stale one from before a resume: replaced
-        shutil.rmtree(final)
-    os.rename(tmp, final)
-    _fsync_path(folder)
-    for old in sorted(p for p in folder.iterdir() if _STEP_DIR.match(p.name))[:-KEEP_CHECKPOINTS]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
-
-
-def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, env: DistEnv) -> LoopState:
-    """Restore weights, optimizer, scheduler and this rank's RNG from `path`; return the loop state."""
-    from safetensors.torch import load_file
-
-    model.load_trainable_state_dict(load_file(str(path / "trainable.safetensors"), device=str(env.device)))
-    saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    state = LoopState(**saved["state"])
-    rngs = saved["rng"]
-    if len(rngs) == env.world_size:
-        set_rng_state(rngs[env.rank])
-    else:  # resumed on another number of processes: data order is unaffected, dropout is reseeded
-        seed_everything(state.global_step * 1000 + env.rank)
-    return state
-
-
-def check_checkpoint_settings(path: Path, settings: dict[str, Any]) -> None:
-    """Refuse to resume from a checkpoint written under other stage settings."""
-    from pipeline.config import diff_settings
-
-    saved = json.loads((path / "meta.json").read_text()).get("settings", {})
-    changes = diff_settings(saved, settings)
-    if changes:
-        raise StageError(
-            f"{path} was written with other settings:\n  "
-            + "\n  ".join(changes)
-            + "\nre-run with --force to start this stage over, or restore the settings to resume"
-        )
-
-
-def replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
-    """Replace folder `target` by what `write(tmp)` puts in a fresh folder, never leaving neither.
-
-    A kill between the two renames leaves `.<name>.old`; `recover_dir` puts it back.
-    """
-    tmp, old = target.with_name(f".{target.name}.tmp"), target.with_name(f".{target.name}.old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    write(tmp)
-    _fsync_tree(tmp)
-    if target.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.rename(target, old)
-    os.rename(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def recover_dir(target: Path) -> None:
-    old = target.with_name(f".{target.name}.old")
-    if not target.exists() and old.exists():
-        os.rename(old, target)
-
-
-def _fsync_path(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_tree(folder: Path) -> None:
-    for path in sorted(folder.rglob("*"), reverse=True):
-        _fsync_path(path)
-    _fsync_path(folder)
 
 
 # ---------------------------------------------------------------------------------------
@@ -490,92 +118,6 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
         res = {v: [simple_tokenize(c)] for v, c in predictions.items()}
         score, _ = CiderD().compute_score(gts, res)  # parity mode: df of these references, as coco-caption
     return float(broadcast(env, score)), predictions
-
-
-# ---------------------------------------------------------------------------------------
-# Logs
-# ---------------------------------------------------------------------------------------
-
-
-class MetricsLog:
-    """`metrics.jsonl` (+ TensorBoard) on rank 0; on resume, records past the checkpoint are dropped."""
-
-    def __init__(self, stage_dir: Path, enabled: bool, resume_step: int | None):
-        self.path = stage_dir / METRICS_FILE
-        self.curves = stage_dir / CURVES_FILE
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        kept = [r for r in read_metrics(self.path) if resume_step is not None and r["step"] <= resume_step]
-        atomic_write_bytes(self.path, "".join(json.dumps(r) + "\n" for r in kept).encode())
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            purge = resume_step + 1 if resume_step is not None else None
-            self.tb = SummaryWriter(str(stage_dir / "tensorboard"), purge_step=purge)
-        except Exception:  # tensorboard not installed: the jsonl and the png still have everything
-            self.tb = None
-
-    def write(self, record: dict[str, Any]) -> None:
-        if not self.enabled:
-            return
-        with self.path.open("a") as f:
-            f.write(json.dumps(record) + "\n")
-        if self.tb is not None:
-            for key, value in record.items():
-                if isinstance(value, (int, float)) and key not in ("step", "epoch"):
-                    self.tb.add_scalar(f"{record['kind']}/{key}", value, record["step"])
-            self.tb.flush()
-
-    def plot(self) -> None:
-        if self.enabled:
-            plot_curves(read_metrics(self.path), self.curves)
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def plot_curves(records: list[dict[str, Any]], out: Path) -> None:
-    """Training loss (per logged step and per epoch), reward when present, validation CIDEr per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    steps = [r for r in records if r["kind"] == "step"]
-    epochs = [r for r in records if r["kind"] == "epoch"]
-    panels = ["loss"] + (["reward"] if any("reward" in r for r in steps) else []) + ["val_cider"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6))
-    for ax, key in zip(axes, panels, strict=True):
-        if key == "val_cider":
-            ax.plot([r["epoch"] for r in epochs], [r["val_cider"] for r in epochs], "o-")
-            ax.set_xlabel("epoch (0: starting model)")
-            ax.set_title("validation CIDEr-D (greedy)")
-            continue
-        ax.plot(
-            [r["step"] for r in steps if key in r], [r[key] for r in steps if key in r], lw=1, label="steps"
-        )
-        if key == "loss":
-            trained = [r for r in epochs if r.get("train_loss") is not None]
-            ax.plot(
-                [r["step"] for r in trained], [r["train_loss"] for r in trained], "o-", label="epoch mean"
-            )
-            ax.legend()
-        ax.set_xlabel("optimizer step")
-        ax.set_title(f"training {key}")
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=90)
-    plt.close(fig)
-    atomic_write_bytes(out, buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------

@@ -33,8 +33,10 @@ import torch
 
 from pipeline.cider import CiderD, DocumentFrequency, cider_d_reward, simple_tokenize
 from pipeline.config import Config
+from pipeline.distributed import barrier, setup_distributed
+from pipeline.optim import LoopSettings
 from pipeline.stage import StageError
-from pipeline.training import BEST, LoopSettings, barrier, finish_stage, fit, open_stage, setup_distributed
+from pipeline.training import BEST, finish_stage, fit, open_stage
 
 DF_FILE = "cider_df.npz"
 

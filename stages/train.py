@@ -29,18 +29,10 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data import TrainPlan, make_source
+from pipeline.distributed import setup_distributed
+from pipeline.optim import LoopSettings
 from pipeline.stage import StageError, atomic_write_json
-from pipeline.training import (
-    BEST,
-    BEST_SCORE_FILE,
-    Job,
-    LoopSettings,
-    Validation,
-    finish_stage,
-    fit,
-    open_stage,
-    setup_distributed,
-)
+from pipeline.training import BEST, BEST_SCORE_FILE, Job, Validation, finish_stage, fit, open_stage
 
 
 def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -158,7 +158,7 @@ def test_scst_stage_outputs(scst_run):
 def test_training_df_is_cached_and_matches_the_references(scst_run):
     from pipeline.annotations import load_manifest
     from pipeline.cider import CiderD, DocumentFrequency, simple_tokenize
-    from pipeline.training import DistEnv
+    from pipeline.distributed import DistEnv
     from stages.scst import DF_FILE, training_scorer
 
     config, _ = scst_run

@@ -15,16 +15,10 @@ import numpy as np
 import pytest
 import torch
 
+from pipeline.checkpoints import rng_state, set_rng_state
 from pipeline.config import ModelConfig, config_from_dict
 from pipeline.data import CacheSource, Sharding, TrainPlan, VideoSource, check_batch_split
-from pipeline.training import (
-    LoopSettings,
-    WarmupCosine,
-    build_optimizer,
-    param_groups,
-    rng_state,
-    set_rng_state,
-)
+from pipeline.optim import LoopSettings, WarmupCosine, build_optimizer, param_groups
 
 NUM_FRAMES, IMAGE_SIZE, TRAIN_VIEWS = 4, 32, 2
 
@@ -339,8 +333,6 @@ def test_each_llm_mode_trains_exactly_its_parameters(tiny_world, llm):
 
 
 def test_temporal_embeddings_get_their_own_learning_rate(tiny_world):
-    from pipeline.training import LoopSettings, build_optimizer
-
     model = _model(tiny_world, temporal_embeddings=True)
     groups = param_groups(model, 0.05, {"temporal_embeddings": 10.0})
     assert len(groups) == 3 and groups[2]["lr_scale"] == 10.0 and groups[2]["weight_decay"] == 0.0
