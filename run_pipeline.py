@@ -117,11 +117,18 @@ def format_summary(result: dict[str, Any]) -> str:
 def prepare_demo(config: Config) -> None:
     """Build the demo's synthetic world and tiny model where the config expects them, if missing."""
     annotations = Path(config.data.annotations)
-    if not (annotations.parent / "summary.json").exists():  # written last: the world is complete
+    world_summary = annotations.parent / "summary.json"  # written last: the world is complete
+    if not world_summary.exists():
         from pipeline.synth import make_synthetic_world
 
         print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)
-        make_synthetic_world(annotations.parent, seed=config.run.seed)
+        make_synthetic_world(annotations.parent, num_videos=config.run.demo_videos, seed=config.run.seed)
+    have = json.loads(world_summary.read_text()).get("num_videos")
+    if have != config.run.demo_videos:
+        raise ConfigError(
+            f"run.demo_videos: {config.run.demo_videos}, but the synthetic world in {annotations.parent} "
+            f"has {have} videos; delete that folder to rebuild it, or set run.demo_videos={have}"
+        )
     model_dir = Path(config.model.pretrained)
     if not (model_dir / PRETRAIN_FILE).exists():  # written last: the model is complete
         from pipeline.testmodels import init_model

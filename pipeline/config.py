@@ -48,6 +48,8 @@ class RunConfig:
     """Stages `run_pipeline.py` runs, in this order."""
     prepare: str = ""
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
+    demo_videos: int = 600
+    """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))

@@ -30,7 +30,13 @@ def demo_config(tmp: Path, *overrides: str):
     )
 
 
-SHORT = ("train.epochs=2", "scst.epochs=1", "eval.num_beams=1", "eval.metrics=Bleu,ROUGE_L,CIDEr")
+SHORT = (
+    "run.demo_videos=120",
+    "train.epochs=2",
+    "scst.epochs=1",
+    "eval.num_beams=1",
+    "eval.metrics=Bleu,ROUGE_L,CIDEr",
+)
 
 
 @pytest.fixture(scope="module")
@@ -67,9 +73,16 @@ def test_changed_settings_are_refused_unless_forced(short_run):
     from pipeline.stage import StageError
 
     tmp, _, _ = short_run
-    changed = demo_config(tmp, *SHORT[1:], "train.epochs=3")
+    changed = demo_config(tmp, *SHORT, "train.epochs=3")  # the last setting wins
     with pytest.raises(StageError, match="train.epochs: 2 -> 3"):
         run_pipeline(changed, stages=["train"])
+
+
+def test_a_demo_world_of_another_size_is_refused(short_run):
+    tmp, _, _ = short_run
+    other = demo_config(tmp, *SHORT, "run.demo_videos=60")
+    with pytest.raises(ConfigError, match="run.demo_videos: 60, but the synthetic world in .* has 120 videos"):
+        run_pipeline(other)
 
 
 def test_stage_selection_is_validated(short_run):
@@ -82,7 +95,7 @@ def test_stage_selection_is_validated(short_run):
 
 @pytest.mark.slow
 def test_run_killed_during_train_finishes_when_rerun(tmp_path):
-    overrides = [*SHORT[1:], "train.epochs=40", "train.checkpoint_every=5", "run.stages=extract,train"]
+    overrides = [*SHORT, "train.epochs=40", "train.checkpoint_every=5", "run.stages=extract,train"]
     args = [sys.executable, str(ROOT / "run_pipeline.py"), "--config", str(ROOT / "configs/demo.yaml")]
     for o in [
         f"run.output_dir={tmp_path / 'run'}",
