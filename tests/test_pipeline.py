@@ -81,7 +81,9 @@ def test_changed_settings_are_refused_unless_forced(short_run):
 def test_a_demo_world_of_another_size_is_refused(short_run):
     tmp, _, _ = short_run
     other = demo_config(tmp, *SHORT, "run.demo_videos=60")
-    with pytest.raises(ConfigError, match="run.demo_videos: 60, but the synthetic world in .* has 120 videos"):
+    with pytest.raises(
+        ConfigError, match="run.demo_videos: 60, but the synthetic world in .* has 120 videos"
+    ):
         run_pipeline(other)
 
 
