@@ -36,6 +36,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, GenerationConfig
 
 from pipeline.config import ModelConfig
+from pipeline.vision import autocast, compute_dtype, run_vit
 
 EXPORT_FILE = "video_model.json"
 TRAINED_WEIGHTS = "trained.safetensors"
@@ -82,7 +83,7 @@ class VideoCaptioner(nn.Module):
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
         self.tokens_per_frame = (model_cfg.image_size // self.patch_size) ** 2 + 1  # patches + CLS
-        self.compute_dtype = _compute_dtype(model_cfg, device)
+        self.compute_dtype = compute_dtype(model_cfg, device)
         self.temporal_embeddings = (
             nn.Parameter(torch.zeros(model_cfg.num_frames, self.vision_width))
             if model_cfg.temporal_embeddings
@@ -185,19 +186,12 @@ class VideoCaptioner(nn.Module):
     # Frames -> query outputs
     # -----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode_frames(self, pixel_values: Tensor) -> Tensor:
         """(B, T, 3, S, S) normalised frames -> (B, T, L, D) ViT tokens (post-layernorm)."""
         vit = self.blip.vision_model
         if vit is None:
             raise RuntimeError("this VideoCaptioner was loaded with load_vision=False: it has no ViT")
-        b, t = pixel_values.shape[:2]
-        x = pixel_values.flatten(0, 1).to(self.device, vit.embeddings.patch_embedding.weight.dtype)
-        # Frames larger than the ViT was trained on (e.g. 364 px): interpolate position embeddings.
-        resize = x.shape[-1] != self.blip.config.vision_config.image_size
-        with self._autocast():
-            tokens = vit(pixel_values=x, interpolate_pos_encoding=resize).last_hidden_state  # (B*T, L, D)
-        return tokens.unflatten(0, (b, t))
+        return run_vit(vit, pixel_values, self.blip.config.vision_config.image_size, self.compute_dtype)
 
     def fuse_frame_tokens(self, frame_tokens: Tensor) -> Tensor:
         """(B, T, L, D) -> (B, T*L, D) with frame 0 first (concat) or (B, L, D) (mean)."""
@@ -403,9 +397,7 @@ class VideoCaptioner(nn.Module):
         self.to(device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        if self.compute_dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.device.type, dtype=self.compute_dtype)
+        return autocast(self.device, self.compute_dtype)
 
     # -----------------------------------------------------------------------------------
     # Trained weights and the export format
@@ -503,13 +495,6 @@ class VideoCaptioner(nn.Module):
             for name, value in weights.items():
                 params[name].copy_(value)
         return model
-
-
-def _compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
-    """None: plain fp32. bf16 autocast on CUDA by default; never fp16 (T5 overflows)."""
-    if model_cfg.dtype == "bfloat16" or (model_cfg.dtype == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
 
 
 def _through_first(ids: Tensor, eos_id: int) -> Tensor:

@@ -7,8 +7,8 @@
 One video's way through: manifest record -> `load_clip` for view 0 (uniform frames, the
 evaluation view) and views 1..`cache.train_views` (head-tail frames, random resized crop,
 flip; random choices seeded by `run.seed` and the video id) -> CLIP normalisation ->
-`VideoCaptioner.encode_frames` (bf16 autocast on CUDA) -> `FeatureStore.write_video`, which
-marks it done. Videos are batched (`extract.batch_size` per ViT call); a thread pool of
+`FrameEncoder.encode_frames` (the ViT alone, without the LLM; bf16 autocast on CUDA) ->
+`FeatureStore.write_video`, which marks it done. Videos are batched (`extract.batch_size` per ViT call); a thread pool of
 `extract.decode_workers` decodes the next videos while the ViT runs, and one writer thread
 compresses and writes the previous batch.
 
@@ -148,11 +148,9 @@ def load_vit(config: Config) -> tuple[Any, str, str]:
     device = resolve_device(config.run.device)
 
     def load() -> Any:
-        from pipeline.model import VideoCaptioner
+        from pipeline.vision import FrameEncoder
 
-        return VideoCaptioner.from_pretrained(
-            config.model.pretrained, config.model, load_vision=True, device=device
-        )
+        return FrameEncoder.from_pretrained(config.model.pretrained, config.model, device)  # the ViT alone
 
     key = (
         "vit",
@@ -172,7 +170,7 @@ def describe_vit(config: Config) -> dict[str, Any]:
     model, device, dtype = load_vit(config)
     key = ("vit-sha256", config.model.pretrained, config.model.dtype, device)
     return {
-        "weights_sha256": worker_cached(key, lambda: hash_weights(model.blip.vision_model)),
+        "weights_sha256": worker_cached(key, lambda: hash_weights(model.vision_model)),
         "tokens_per_frame": int(model.tokens_per_frame),
         "width": int(model.vision_width),
         "device": device,

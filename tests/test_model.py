@@ -2,6 +2,7 @@
 plain transformers forward, decoding, gradients, trainable sets, and the export format."""
 
 import dataclasses
+import json
 from pathlib import Path
 
 import pytest
@@ -391,3 +392,47 @@ def test_export_of_a_relative_local_folder_loads_from_anywhere(folders, tmp_path
     out = model.save_trained(tmp_path / "export")
     monkeypatch.chdir(tmp_path)
     assert VideoCaptioner.from_trained(out, load_vision=False).pretrained == str(base.resolve())
+
+
+# ---------------------------------------------------------------------------------------
+# The ViT alone (pipeline/vision.py): what extract loads
+# ---------------------------------------------------------------------------------------
+
+
+def test_frame_encoder_loads_only_the_vit_and_encodes_like_the_full_model(folders):
+    from pipeline.vision import FrameEncoder
+
+    folder = folders["tiny-t5"]
+    cfg = ModelConfig(pretrained=str(folder), num_frames=3, image_size=32)
+    full = VideoCaptioner.from_pretrained(folder, cfg)
+    encoder = FrameEncoder.from_pretrained(folder, cfg)
+    assert set(encoder.state_dict()) == {f"vision_model.{k}" for k in full.blip.vision_model.state_dict()}
+    pixels = torch.randn(2, 3, 3, 32, 32)
+    assert torch.equal(encoder.encode_frames(pixels), full.encode_frames(pixels))
+    assert (encoder.tokens_per_frame, encoder.vision_width) == (full.tokens_per_frame, full.vision_width)
+
+
+def test_frame_encoder_reads_only_the_shards_holding_the_vit(folders, tmp_path):
+    from transformers import Blip2ForConditionalGeneration
+
+    from pipeline.vision import INDEX_FILE, FrameEncoder, _vision_files
+
+    blip = Blip2ForConditionalGeneration.from_pretrained(folders["tiny-t5"])
+    blip.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())["weight_map"]
+    files = _vision_files(tmp_path / "sharded")
+    assert 0 < len(files) < len(set(index.values()))
+    cfg = ModelConfig(pretrained=str(tmp_path / "sharded"), num_frames=2, image_size=32)
+    encoder = FrameEncoder.from_pretrained(tmp_path / "sharded", cfg)
+    for name, tensor in blip.vision_model.state_dict().items():
+        assert torch.equal(encoder.vision_model.state_dict()[name], tensor), name
+
+
+def test_frame_encoder_refuses_a_folder_without_safetensors(tmp_path, folders):
+    import shutil
+
+    from pipeline.vision import FrameEncoder
+
+    shutil.copy(Path(folders["tiny-t5"]) / "config.json", tmp_path / "config.json")
+    with pytest.raises(FileNotFoundError, match="safetensors only"):
+        FrameEncoder.from_pretrained(tmp_path, ModelConfig(pretrained=str(tmp_path)))
