@@ -32,6 +32,8 @@ Each row reports test CIDEr (`eval/<model>/metrics.json`) and, where the annotat
 synthetic world's facts (`pipeline.synth`), the accuracy of the facts the captions state:
 direction (needs frame order), axis (horizontal or vertical: visible in any one frame), colour and
 shape. The table is printed and written, with everything else per row, to `<output_dir>/ablations.json`.
+Under it, `pipeline.probe`'s linear probes of each shared cache say which facts the tokens carry
+at all (in frame order and averaged over frames), whatever the captioner learned from them.
 """
 
 from __future__ import annotations
@@ -50,11 +52,10 @@ import click
 import yaml
 
 from pipeline.config import Config, ConfigError, load_config, stage_fingerprint, stage_settings
+from pipeline.probe import FACTS, format_probe_table, probe_ablation_caches
 
 RESULTS_FILE = "ablations.json"
 REPORTABLE_MODELS = ("zero_shot", "ce", "scst")
-FACTS = ("direction", "axis", "color", "shape")
-_AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
 _FILE_KEYS = ("base", "output_dir", "set", "variants")
 _VARIANT_KEYS = ("set", "rows")
 
@@ -231,6 +232,10 @@ def run_ablations(
         _write_results(ablation, collect_rows(ablation))
     rows = [r for r in collect_rows(ablation) if r["variant"] in {v.name for v in selected}]
     print(format_ablation_table(rows), file=sys.stderr)
+    probes = probe_ablation_caches([v.config for v in selected])
+    if probes:
+        print(format_probe_table(probes), file=sys.stderr)
+        _write_results(ablation, collect_rows(ablation), probes)
     return rows
 
 
@@ -295,12 +300,18 @@ def _train_seconds(model: str, seconds: Mapping[str, float | None]) -> float | N
     return None
 
 
-def _write_results(ablation: Ablation, rows: list[dict[str, Any]]) -> None:
+def _write_results(
+    ablation: Ablation, rows: list[dict[str, Any]], probes: dict[str, Any] | None = None
+) -> None:
     from pipeline.stage import atomic_write_json
 
+    results = {
+        "ablation": str(ablation.path),
+        "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "rows": rows,
+    }
     atomic_write_json(
-        ablation.output_dir / RESULTS_FILE,
-        {"ablation": str(ablation.path), "updated_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "rows": rows},
+        ablation.output_dir / RESULTS_FILE, {**results, **({"probes": probes} if probes else {})}
     )
 
 
@@ -337,7 +348,7 @@ def order_word_accuracy(
     any single frame. A caption that states no direction (or colour, ...) counts as wrong for it.
     Videos without known facts are left out; all None when no video has them.
     """
-    from pipeline.synth import parse_facts
+    from pipeline.synth import AXIS, parse_facts
 
     scored = [
         (parse_facts(p["caption"]), facts[p["video_id"]]) for p in predictions if p["video_id"] in facts
@@ -348,7 +359,7 @@ def order_word_accuracy(
     for said, truth in scored:
         for name in ("direction", "color", "shape"):
             right[name] += said[name] == truth[name]
-        right["axis"] += _AXIS.get(said["direction"] or "") == _AXIS[truth["direction"]]
+        right["axis"] += AXIS.get(said["direction"] or "") == AXIS[truth["direction"]]
     return {f"{name}_acc": right[name] / len(scored) for name in FACTS}
 
 

@@ -38,6 +38,8 @@ from pipeline.video import write_video
 COLORS = {"red": (220, 40, 40), "green": (40, 200, 60), "blue": (50, 90, 235), "yellow": (235, 215, 40)}
 SHAPES = ("square", "circle", "triangle")
 DIRECTIONS = ("left", "right", "up", "down")
+AXIS = {"left": "horizontal", "right": "horizontal", "up": "vertical", "down": "vertical"}
+"""The axis of each direction: visible in any single frame, unlike the direction itself."""
 """Direction of travel: `right` is from the left edge to the right edge."""
 BACKGROUND = (32, 32, 32)
 SPLITS = ("train", "val", "test")

@@ -267,6 +267,8 @@ def test_two_variants_train_from_one_extraction(tiny_ablation):
         assert all(0 <= row[f"{k}_acc"] <= 1 for k in ("direction", "axis", "color", "shape"))
     saved = json.loads((path.parent / "runs" / RESULTS_FILE).read_text())
     assert saved["rows"] == rows
+    probes = saved["probes"][Path(first["cache"]).stem]  # the shared cache, probed once
+    assert set(probes) == {"ordered", "frame_mean"} and all(0 <= a <= 1 for a in probes["ordered"].values())
 
 
 @pytest.mark.slow
@@ -275,7 +277,13 @@ def test_rerunning_skips_every_stage_and_prints_the_same_table(tiny_ablation):
     result = CliRunner().invoke(ablate, [str(path), "--only", "concat+temporal"])
     assert result.exit_code == 0, result.output
     table = result.output[result.output.rindex("\nvariant ") + 1 :].splitlines()
-    assert [line.split()[0] for line in table[2:-1]] == ["concat+temporal"]
+    end = next(i for i, line in enumerate(table) if line.startswith("(test split"))
+    assert [line.split()[0] for line in table[2:end]] == ["concat+temporal"]
+    probes = table[end + 1 :]  # the linear probes of the shared cache follow the table
+    assert probes[0].startswith("cache tokens") and [line.split()[1] for line in probes[2:4]] == [
+        "ordered",
+        "frame_mean",
+    ]
     summary = json.loads((path.parent / "runs/concat+temporal/summary.json").read_text())
     assert {s["status"] for s in summary["stages"].values()} == {"skipped"}
     assert json.loads((path.parent / "runs" / RESULTS_FILE).read_text())["rows"] == rows
