@@ -268,6 +268,30 @@ def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
     click.echo(yaml.safe_dump(_config(config_path, overrides).to_dict(), sort_keys=False))
 
 
+@main.command()
+@config_options
+@click.option(
+    "--qformer-epochs",
+    default=0,
+    show_default=True,
+    help="Also train the model's fusion + Q-Former with a linear head on `direction` (0: skip).",
+)
+@friendly_errors
+def probe(config_path: str | None, overrides: tuple[str, ...], qformer_epochs: int) -> None:
+    """Linear probes of the synthetic world's facts on a config's cached tokens (no video decoded)."""
+    from pipeline.probe import format_probe_table, probe_cache, qformer_probe, true_facts_and_splits
+
+    config = _config(config_path, overrides)
+    facts, splits = true_facts_and_splits(config)
+    click.echo(format_probe_table({config.cache_path.stem: probe_cache(config.cache_path, facts, splits)}))
+    if qformer_epochs > 0:
+        accuracy = qformer_probe(config, "direction", qformer_epochs)
+        click.echo(
+            f"direction from the model's fusion + Q-Former with a linear head, {qformer_epochs} epochs: "
+            f"{100 * accuracy:.1f} (val split)"
+        )
+
+
 def _register_ablate() -> None:
     from pipeline.ablations import ablate
 

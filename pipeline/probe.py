@@ -7,6 +7,13 @@ in frame order (T*L*D features) and once on their mean over frames (frame order 
 fact the ordered probe gets right and the frame-mean probe does not (direction of motion) needs
 frame order; one both get right (colour, axis) is visible in any frame. No video is decoded:
 this is what the cache is for. `vidcap ablate` prints the probes under its table.
+
+`qformer_probe` asks the next question: can the model's own fusion and Q-Former extract the
+fact when supervised directly (a linear head on the query outputs instead of the language
+model)? If it can, but the captions still miss the fact, the bottleneck is the signal that
+flows back through the language model, not the fusion:
+
+    vidcap probe --config configs/demo.yaml --qformer-epochs 30 [--set model.temporal_embeddings=false]
 """
 
 from __future__ import annotations
@@ -68,9 +75,7 @@ def probe_cache(
     held_out: str = "test",
 ) -> dict[str, dict[str, float]]:
     """`{"ordered": {fact: accuracy}, "frame_mean": {...}}` for the done videos with known facts."""
-    from cache.store import FeatureStore
-
-    store = FeatureStore.open(store_path)
+    store = _open_done(store_path)
     ids = [v for v in store.video_ids if v in facts and splits.get(v) in ("train", held_out)]
     ids = [v for v in ids if store.is_done(v)]
     train = np.array([splits[v] == "train" for v in ids])
@@ -85,6 +90,19 @@ def probe_cache(
             labels = [_fact(facts[v], fact) for v in ids]
             result[view][fact] = linear_probe(features[view], labels, train)
     return result
+
+
+def true_facts_and_splits(config: Any) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
+    """The synthetic world's facts and each video's split, for a config's data."""
+    from pipeline.ablations import true_facts
+    from pipeline.annotations import load_manifest
+
+    facts = true_facts(config)
+    if not facts:
+        from pipeline.config import ConfigError
+
+        raise ConfigError(f"{config.data.annotations}: no synthetic-world facts to probe (see pipeline.synth)")
+    return facts, {r.video_id: r.split for r in load_manifest(config.data).records}
 
 
 def _fact(facts: Mapping[str, str], name: str) -> str:
@@ -110,14 +128,66 @@ def format_probe_table(probes: Mapping[str, Mapping[str, Mapping[str, float]]]) 
 def probe_ablation_caches(configs: list[Any]) -> dict[str, dict[str, dict[str, float]]]:
     """Probes of each distinct cache among the variants' configs, by store name; {} without facts."""
     from pipeline.ablations import true_facts
-    from pipeline.annotations import load_manifest
 
     probes: dict[str, dict[str, dict[str, float]]] = {}
     for config in configs:
         name = Path(config.cache_path).stem  # `<T>f-<hash>`
-        facts = true_facts(config)
-        if name in probes or not facts or not Path(config.cache_path).exists():
+        if name in probes or not true_facts(config) or not Path(config.cache_path).exists():
             continue
-        splits = {r.video_id: r.split for r in load_manifest(config.data).records}
-        probes[name] = probe_cache(config.cache_path, facts, splits)
+        probes[name] = probe_cache(config.cache_path, *true_facts_and_splits(config))
     return probes
+
+
+def qformer_probe(config: Any, fact: str = "direction", epochs: int = 30, held_out: str = "val") -> float:
+    """Held-out accuracy of `fact` from the config's model (fusion, temporal embeddings, Q-Former,
+    queries; the language model unused) with a linear head on its query outputs, trained on the
+    cached view-0 tokens of the train split (AdamW, `train.lr`, `train.batch_size`, `run.seed`)."""
+    import torch
+
+    from pipeline.model import VideoCaptioner
+
+    facts, splits = true_facts_and_splits(config)
+    store = _open_done(config.cache_path)
+    ids = [
+        v for v in store.video_ids if v in facts and splits.get(v) in ("train", held_out) and store.is_done(v)
+    ]
+    classes = sorted({_fact(facts[v], fact) for v in ids})
+    tokens = torch.from_numpy(store.read(ids, 0).astype(np.float32))  # (N, T, L, D)
+    labels = torch.tensor([classes.index(_fact(facts[v], fact)) for v in ids])
+    train = [i for i, v in enumerate(ids) if splits[v] == "train"]
+    test = [i for i, v in enumerate(ids) if splits[v] == held_out]
+    torch.manual_seed(config.run.seed)
+    model = VideoCaptioner.from_pretrained(config.model.pretrained, config.model, load_vision=False)
+    head = torch.nn.Linear(
+        model.num_query_tokens * model.blip.config.qformer_config.hidden_size, len(classes)
+    )
+    trained = [p for n, p in model.named_parameters() if p.requires_grad and "language_model" not in n]
+    optimizer = torch.optim.AdamW([*trained, *head.parameters()], lr=config.train.lr)
+
+    def logits(rows: list[int]) -> torch.Tensor:
+        visual = model.fuse_frame_tokens(tokens[rows])  # (B, N, D)
+        queries = model.blip.query_tokens.expand(len(rows), -1, -1)
+        out = model.blip.qformer(query_embeds=queries, encoder_hidden_states=visual).last_hidden_state
+        return head(out.flatten(1))  # (B, classes)
+
+    model.train()
+    generator = torch.Generator().manual_seed(config.run.seed)
+    for _ in range(epochs):
+        order = torch.randperm(len(train), generator=generator).tolist()
+        for start in range(0, len(order), config.train.batch_size):
+            rows = [train[i] for i in order[start : start + config.train.batch_size]]
+            loss = torch.nn.functional.cross_entropy(logits(rows), labels[rows])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    model.eval()
+    with torch.no_grad():
+        return float((logits(test).argmax(1) == labels[test]).float().mean())
+
+
+def _open_done(path: Any) -> Any:
+    from cache.store import FeatureStore
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"no feature cache at {path}: run the extract stage first")
+    return FeatureStore.open(path)

@@ -57,3 +57,49 @@ def test_probe_cache_needs_both_splits(tmp_path):
     facts, splits = _world_store(tmp_path / "probe.zarr", num_videos=8)
     with pytest.raises(ValueError, match="train and the test split"):
         probe_cache(tmp_path / "probe.zarr", facts, dict.fromkeys(splits, "train"))
+
+
+@pytest.fixture(scope="module")
+def tiny_world(tmp_path_factory):
+    from test_training import build_tiny_world
+
+    return build_tiny_world(tmp_path_factory.getbasetemp() / "train_world")  # shared with test_training
+
+
+def test_vidcap_probe_prints_the_probes_and_the_qformer_accuracy(tiny_world, tmp_path):
+    from click.testing import CliRunner
+    from test_training import tiny_config
+
+    from pipeline.cli import main
+
+    config = tiny_config(tiny_world, tmp_path / "run")
+    sets = [
+        f"run.output_dir={tmp_path / 'run'}",
+        f"data.annotations={config.data.annotations}",
+        f"data.video_root={config.data.video_root}",
+        f"model.pretrained={config.model.pretrained}",
+        f"model.num_frames={config.model.num_frames}",
+        f"model.image_size={config.model.image_size}",
+        f"cache.path={config.cache.path}",
+        "data.format=jsonl",
+        "model.temporal_embeddings=true",
+    ]
+    args = ["probe", "--qformer-epochs", "1"] + [a for s in sets for a in ("--set", s)]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+    assert "features ordered" in result.output and "features frame_mean" in result.output
+    said = result.output[result.output.index("direction from the model's fusion") :].splitlines()[0]
+    assert 0 <= float(said.rsplit(":", 1)[1].split()[0]) <= 100  # "...: 25.0 (val split)"
+
+
+def test_vidcap_probe_without_synthetic_facts_is_a_clear_error(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.cli import main
+
+    rows = '{"video_id": "a", "video": "a.mp4", "split": "train", "captions": ["x"]}\n'
+    (tmp_path / "ann.jsonl").write_text(rows)
+    args = ["probe", "--set", f"data.annotations={tmp_path / 'ann.jsonl'}", "--set", "model.pretrained=x"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and "no synthetic-world facts to probe" in result.output
+    assert "Traceback" not in result.output
