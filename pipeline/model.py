@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, GenerationConfig
 
 from pipeline.config import ModelConfig
-from pipeline.vision import autocast, compute_dtype, run_vit
+from pipeline.vision import autocast, compute_dtype, run_vit, tokens_per_frame
 
 EXPORT_FILE = "video_model.json"
 TRAINED_WEIGHTS = "trained.safetensors"
@@ -82,7 +82,7 @@ class VideoCaptioner(nn.Module):
         self.num_query_tokens = config.num_query_tokens
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
-        self.tokens_per_frame = (model_cfg.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+        self.tokens_per_frame = tokens_per_frame(model_cfg.image_size, self.patch_size)
         self.compute_dtype = compute_dtype(model_cfg, device)
         self.temporal_embeddings = (
             nn.Parameter(torch.zeros(model_cfg.num_frames, self.vision_width))

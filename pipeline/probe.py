@@ -101,7 +101,9 @@ def true_facts_and_splits(config: Any) -> tuple[dict[str, dict[str, str]], dict[
     if not facts:
         from pipeline.config import ConfigError
 
-        raise ConfigError(f"{config.data.annotations}: no synthetic-world facts to probe (see pipeline.synth)")
+        raise ConfigError(
+            f"{config.data.annotations}: no synthetic-world facts to probe (see pipeline.synth)"
+        )
     return facts, {r.video_id: r.split for r in load_manifest(config.data).records}
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,6 +36,11 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def tokens_per_frame(image_size: int, patch_size: int) -> int:
+    """ViT tokens per frame: the patches plus CLS (257 for EVA ViT-g at 224 px, patch 14)."""
+    return (image_size // patch_size) ** 2 + 1
 
 
 @torch.no_grad()
@@ -75,29 +81,33 @@ def load_vision_model(pretrained: str | Path) -> tuple[Blip2VisionModel, Blip2Co
 def _vision_files(pretrained: str | Path) -> list[Path]:
     """The safetensors files holding `vision_model.*` tensors: local, or downloaded from the hub."""
     folder = Path(pretrained)
-    if folder.is_dir():
-        fetch = folder.joinpath
-        if not (folder / INDEX_FILE).exists() and not (folder / SINGLE_FILE).exists():
-            raise FileNotFoundError(
-                f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (vidcap loads safetensors only, never pickled .bin)"
-            )
-    else:
-        from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
-
-        def fetch(name: str) -> Path:
-            return Path(hf_hub_download(str(pretrained), name))
-
-        try:
-            return _from_index(fetch(INDEX_FILE), fetch)
-        except EntryNotFoundError:
-            return [fetch(SINGLE_FILE)]
+    if not folder.is_dir():
+        return _hub_vision_files(str(pretrained))
     if (folder / INDEX_FILE).exists():
-        return _from_index(folder / INDEX_FILE, fetch)
-    return [fetch(SINGLE_FILE)]
+        return _from_index(folder / INDEX_FILE, folder.joinpath)
+    if (folder / SINGLE_FILE).exists():
+        return [folder / SINGLE_FILE]
+    raise FileNotFoundError(
+        f"{folder}: no {SINGLE_FILE} or {INDEX_FILE} (vidcap loads safetensors only, never pickled .bin)"
+    )
 
 
-def _from_index(index: Path, fetch) -> list[Path]:
+def _hub_vision_files(repo_id: str) -> list[Path]:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError
+
+    def fetch(name: str) -> Path:
+        return Path(hf_hub_download(repo_id, name))
+
+    try:
+        index = fetch(INDEX_FILE)
+    except EntryNotFoundError:  # a single-file checkpoint
+        return [fetch(SINGLE_FILE)]
+    return _from_index(index, fetch)
+
+
+def _from_index(index: Path, fetch: Callable[[str], Path]) -> list[Path]:
+    """Only the shards that hold ViT tensors (for BLIP-2 Flan-T5-XL, one of two)."""
     weight_map = json.loads(index.read_text())["weight_map"]
     return [fetch(name) for name in sorted({f for k, f in weight_map.items() if k.startswith(PREFIX)})]
 
@@ -112,7 +122,7 @@ class FrameEncoder(nn.Module):
         self.trained_size = config.vision_config.image_size
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
-        self.tokens_per_frame = (model_cfg.image_size // self.patch_size) ** 2 + 1  # patches + CLS
+        self.tokens_per_frame = tokens_per_frame(model_cfg.image_size, self.patch_size)
         self.compute_dtype = compute_dtype(model_cfg, device)
         if self.compute_dtype == torch.bfloat16:
             vision_model.to(torch.bfloat16)  # frozen: stored in the compute dtype, as in VideoCaptioner

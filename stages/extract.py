@@ -8,9 +8,9 @@ One video's way through: manifest record -> `load_clip` for view 0 (uniform fram
 evaluation view) and views 1..`cache.train_views` (head-tail frames, random resized crop,
 flip; random choices seeded by `run.seed` and the video id) -> CLIP normalisation ->
 `FrameEncoder.encode_frames` (the ViT alone, without the LLM; bf16 autocast on CUDA) ->
-`FeatureStore.write_video`, which marks it done. Videos are batched (`extract.batch_size` per ViT call); a thread pool of
-`extract.decode_workers` decodes the next videos while the ViT runs, and one writer thread
-compresses and writes the previous batch.
+`FeatureStore.write_video`, which marks it done. Videos are batched (`extract.batch_size` per
+ViT call); a thread pool of `extract.decode_workers` decodes the next videos while the ViT
+runs, and one writer thread compresses and writes the previous batch.
 
 Resuming: the store records each finished video, so a re-run (after SIGKILL, say) extracts
 only the pending ones. The store's fingerprint holds everything that determines the tokens,

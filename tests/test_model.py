@@ -436,3 +436,30 @@ def test_frame_encoder_refuses_a_folder_without_safetensors(tmp_path, folders):
     shutil.copy(Path(folders["tiny-t5"]) / "config.json", tmp_path / "config.json")
     with pytest.raises(FileNotFoundError, match="safetensors only"):
         FrameEncoder.from_pretrained(tmp_path, ModelConfig(pretrained=str(tmp_path)))
+
+
+def test_frame_encoder_fetches_only_vit_shards_from_the_hub(folders, tmp_path, monkeypatch):
+    import huggingface_hub
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    from pipeline.vision import INDEX_FILE, SINGLE_FILE, _vision_files
+
+    blip = Blip2ForConditionalGeneration.from_pretrained(folders["tiny-t5"])
+    blip.save_pretrained(tmp_path / "sharded", max_shard_size="100KB")
+    fetched = []
+
+    def fake_download(repo_id, filename, **_):  # the hub, served from local folders
+        path = tmp_path / repo_id.split("/")[-1] / filename
+        if not path.exists():
+            raise LocalEntryNotFoundError(f"{repo_id}/{filename}")
+        fetched.append(filename)
+        return str(path)
+
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    files = _vision_files("org/sharded")
+    index = json.loads((tmp_path / "sharded" / INDEX_FILE).read_text())["weight_map"]
+    vit_shards = {f for k, f in index.items() if k.startswith("vision_model.")}
+    assert {p.name for p in files} == vit_shards and fetched == [INDEX_FILE, *sorted(vit_shards)]
+    (tmp_path / "single").mkdir()
+    (tmp_path / "single" / SINGLE_FILE).write_bytes((Path(folders["tiny-t5"]) / SINGLE_FILE).read_bytes())
+    assert _vision_files("org/single") == [tmp_path / "single" / SINGLE_FILE]  # no index: one file
