@@ -24,8 +24,6 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.synth import AXIS
-
 FACTS = ("direction", "axis", "color", "shape")
 VIEWS = ("ordered", "frame_mean")
 TITLES = {"color": "colour"}
@@ -58,9 +56,9 @@ def linear_probe(
     weight = (0.01 * torch.randn(x.shape[1], len(classes), generator=generator)).requires_grad_()
     bias = torch.zeros(len(classes), requires_grad=True)
     optimizer = torch.optim.Adam([weight, bias], lr=1e-2)
+    x_fit, y_fit = x[fit], y[fit]
     for _ in range(steps):
-        logits = x[fit] @ weight + bias
-        loss = torch.nn.functional.cross_entropy(logits, y[fit]) + l2 * weight.pow(2).sum()
+        loss = torch.nn.functional.cross_entropy(x_fit @ weight + bias, y_fit) + l2 * weight.pow(2).sum()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
@@ -75,13 +73,8 @@ def probe_cache(
     held_out: str = "test",
 ) -> dict[str, dict[str, float]]:
     """`{"ordered": {fact: accuracy}, "frame_mean": {...}}` for the done videos with known facts."""
-    store = _open_done(store_path)
-    ids = [v for v in store.video_ids if v in facts and splits.get(v) in ("train", held_out)]
-    ids = [v for v in ids if store.is_done(v)]
+    ids, tokens = _labelled_tokens(store_path, facts, splits, held_out)
     train = np.array([splits[v] == "train" for v in ids])
-    if not train.any() or train.all():
-        raise ValueError(f"{store_path}: needs done videos of both the train and the {held_out} split")
-    tokens = store.read(ids, 0).astype(np.float32)  # (N, T, L, D)
     features = {"ordered": tokens, "frame_mean": tokens.mean(axis=1)}
     result: dict[str, dict[str, float]] = {}
     for view in VIEWS:
@@ -108,6 +101,8 @@ def true_facts_and_splits(config: Any) -> tuple[dict[str, dict[str, str]], dict[
 
 
 def _fact(facts: Mapping[str, str], name: str) -> str:
+    from pipeline.synth import AXIS  # imported here: pipeline.synth pulls in the video codecs
+
     return AXIS[facts["direction"]] if name == "axis" else facts[name]
 
 
@@ -142,35 +137,30 @@ def probe_ablation_caches(configs: list[Any]) -> dict[str, dict[str, dict[str, f
 
 def qformer_probe(config: Any, fact: str = "direction", epochs: int = 30, held_out: str = "val") -> float:
     """Held-out accuracy of `fact` from the config's model (fusion, temporal embeddings, Q-Former,
-    queries; the language model unused) with a linear head on its query outputs, trained on the
+    queries, projection; the language model unused) with a linear head on its projected query
+    outputs (the language model's visual prefix), trained on the
     cached view-0 tokens of the train split (AdamW, `train.lr`, `train.batch_size`, `run.seed`)."""
     import torch
 
     from pipeline.model import VideoCaptioner
 
     facts, splits = true_facts_and_splits(config)
-    store = _open_done(config.cache_path)
-    ids = [
-        v for v in store.video_ids if v in facts and splits.get(v) in ("train", held_out) and store.is_done(v)
-    ]
+    ids, cached = _labelled_tokens(config.cache_path, facts, splits, held_out)
+    tokens = torch.from_numpy(cached)  # (N, T, L, D)
     classes = sorted({_fact(facts[v], fact) for v in ids})
-    tokens = torch.from_numpy(store.read(ids, 0).astype(np.float32))  # (N, T, L, D)
     labels = torch.tensor([classes.index(_fact(facts[v], fact)) for v in ids])
     train = [i for i, v in enumerate(ids) if splits[v] == "train"]
     test = [i for i, v in enumerate(ids) if splits[v] == held_out]
     torch.manual_seed(config.run.seed)
     model = VideoCaptioner.from_pretrained(config.model.pretrained, config.model, load_vision=False)
-    head = torch.nn.Linear(
-        model.num_query_tokens * model.blip.config.qformer_config.hidden_size, len(classes)
-    )
+    with torch.no_grad():
+        width = model.query_outputs(tokens[:1]).flatten(1).shape[1]  # Q * H_llm
+    head = torch.nn.Linear(width, len(classes))
     trained = [p for n, p in model.named_parameters() if p.requires_grad and "language_model" not in n]
     optimizer = torch.optim.AdamW([*trained, *head.parameters()], lr=config.train.lr)
 
     def logits(rows: list[int]) -> torch.Tensor:
-        visual = model.fuse_frame_tokens(tokens[rows])  # (B, N, D)
-        queries = model.blip.query_tokens.expand(len(rows), -1, -1)
-        out = model.blip.qformer(query_embeds=queries, encoder_hidden_states=visual).last_hidden_state
-        return head(out.flatten(1))  # (B, classes)
+        return head(model.query_outputs(tokens[rows]).flatten(1))  # (B, Q, H) -> (B, classes)
 
     model.train()
     generator = torch.Generator().manual_seed(config.run.seed)
@@ -187,9 +177,18 @@ def qformer_probe(config: Any, fact: str = "direction", epochs: int = 30, held_o
         return float((logits(test).argmax(1) == labels[test]).float().mean())
 
 
-def _open_done(path: Any) -> Any:
+def _labelled_tokens(
+    store_path: str | Path, facts: Mapping[str, Any], splits: Mapping[str, str], held_out: str
+) -> tuple[list[str], np.ndarray]:
+    """Ids and float32 view-0 tokens (N, T, L, D) of the done train and `held_out` videos with facts."""
     from cache.store import FeatureStore
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"no feature cache at {path}: run the extract stage first")
-    return FeatureStore.open(path)
+    if not Path(store_path).exists():
+        raise FileNotFoundError(f"no feature cache at {store_path}: run the extract stage first")
+    store = FeatureStore.open(store_path)
+    wanted = ("train", held_out)
+    ids = [v for v in store.video_ids if v in facts and splits.get(v) in wanted and store.is_done(v)]
+    in_train = [splits[v] == "train" for v in ids]
+    if not any(in_train) or all(in_train):
+        raise ValueError(f"{store_path}: needs done videos of both the train and the {held_out} split")
+    return ids, store.read(ids, 0).astype(np.float32)
