@@ -63,7 +63,9 @@ from pipeline.stage import atomic_write_bytes, fsync_path
 
 FORMAT_VERSION = 1
 CODECS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none")
-DEFAULT_CODEC = "blosc-zstd"  # smallest on ViT-like tokens (0.86 of raw), 80-120 videos/s reads: bench_store.py
+DEFAULT_CODEC = (
+    "blosc-zstd"  # smallest on ViT-like tokens (0.86 of raw), 80-120 videos/s reads: bench_store.py
+)
 DEFAULT_LEVEL = 3
 IDS_CHUNK = 65536  # ids per chunk of `video_ids`
 BLOSC_BLOCK = 1 << 18  # bytes per blosc block
