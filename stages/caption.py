@@ -6,7 +6,7 @@
 
 Inputs are video files, folders (searched recursively for video extensions), globs, or
 manifests: our JSONL (`video` or `video_id` per line), a CSV with a `path` (or `video`)
-column, or a `.txt` list of paths; relative paths in a manifest start from its folder.
+column, or a `.txt` list of paths (`pipeline/inputs.py`).
 Each video becomes one JSON line in OUT:
 
     {"video": "/abs/path.mp4", "caption": "a man is cooking", "model": ..., "num_frames": 8,
@@ -15,15 +15,13 @@ Each video becomes one JSON line in OUT:
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index) and `windows` (their number).
 
-How OUT stays correct when several workers write and anything can be killed:
+How OUT stays correct when several workers write and anything can be killed
+(`pipeline/records.py`):
 
 * each task appends to its own part file `OUT.parts/<run>-<task>-<random>.jsonl`, one batch
-  at a time, flushed and fsynced, so no two writers share a file and a kill loses at most
-  the batches in flight (and may tear the last line of a part file, which readers skip);
+  at a time, flushed and fsynced, so a kill loses at most the batches in flight;
 * at the end, and at the start of the next run (which thereby finishes a killed run's work),
-  the part files are merged into OUT: new records are appended, in input order, skipping any
-  video OUT already holds, then the part files are deleted. A kill during the merge leaves
-  the part files, so the next merge completes it; a torn last line of OUT is cut off first;
+  the part files are merged into OUT, skipping any video OUT already holds;
 * a video counts as done when OUT holds its record (all its windows, in window mode);
   re-running with the same OUT captions only the others, so nothing is done twice and no
   record is duplicated;
@@ -34,10 +32,7 @@ Errors (missing, empty, corrupt, non-video files) become `error` records and nev
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import glob
 import json
 import math
 import os
@@ -63,33 +58,12 @@ from pipeline.dask_utils import (
     split_chunks,
     worker_cached,
 )
+from pipeline.inputs import VideoInput, expand_inputs
+from pipeline.records import exclusive_writer, merge_parts, recorded_videos
 from pipeline.stage import StageError, resolve_device, stage_logger
 
-VIDEO_EXTENSIONS = (
-    ".mp4",
-    ".m4v",
-    ".mov",
-    ".mkv",
-    ".webm",
-    ".avi",
-    ".mpg",
-    ".mpeg",
-    ".flv",
-    ".wmv",
-    ".3gp",
-    ".ts",
-)
-MANIFEST_EXTENSIONS = (".jsonl", ".csv", ".txt", ".lst")
 SAMPLING = "uniform"  # view 0 of pipeline.video.load_clip: the evaluation sampling
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
-
-
-@dataclass(frozen=True)
-class CaptionItem:
-    video: str
-    """Absolute path of the video (the record's key)."""
-    video_id: str = ""
-    """Id from a manifest, copied into the record."""
 
 
 def run(config: Config, force: bool = False) -> dict[str, Any]:
@@ -108,7 +82,7 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     parts = out.with_name(out.name + ".parts")
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
-    with _exclusive(out):
+    with exclusive_writer(out):
         items = expand_inputs(inputs, log)
         order = [it.video for it in items]
         merge_parts(out, parts, order)  # first finish what a killed run left behind
@@ -177,194 +151,6 @@ class _Totals:
 
 
 # ----------------------------------------------------------------------------------------
-# Inputs
-# ----------------------------------------------------------------------------------------
-
-
-def expand_inputs(inputs: list[str], log: Any = None) -> list[CaptionItem]:
-    """The videos that files, folders, globs and manifests name, in order, each once."""
-    items: dict[str, CaptionItem] = {}
-    for spec in inputs:
-        found = list(_expand(spec))
-        if not found and log is not None:
-            log.warning("caption: %s matches no video", spec)
-        for item in found:
-            items.setdefault(item.video, item)
-    return list(items.values())
-
-
-def _expand(spec: str) -> Iterator[CaptionItem]:
-    path = Path(spec).expanduser()
-    if path.is_dir():
-        yield from _folder(path)
-    elif path.is_file() and path.suffix.lower() in MANIFEST_EXTENSIONS:
-        yield from read_manifest(path)
-    elif not path.exists() and glob.has_magic(spec):
-        for match in sorted(glob.glob(os.path.expanduser(spec), recursive=True)):
-            if os.path.isdir(match):
-                yield from _folder(Path(match))
-            elif match.lower().endswith(VIDEO_EXTENSIONS):
-                yield CaptionItem(os.path.abspath(match))
-    else:  # a video, or a file that will get an error record (missing, not a video)
-        yield CaptionItem(os.path.abspath(path))
-
-
-def _folder(folder: Path) -> Iterator[CaptionItem]:
-    for root, dirs, files in os.walk(folder):
-        dirs.sort()
-        for name in sorted(files):
-            if name.lower().endswith(VIDEO_EXTENSIONS):
-                yield CaptionItem(os.path.abspath(os.path.join(root, name)))
-
-
-def read_manifest(path: Path) -> Iterator[CaptionItem]:
-    """Videos of a JSONL (`video` or `video_id`), CSV (`path` or `video` column) or text list."""
-    from pipeline.annotations import AnnotationError
-
-    root = path.parent
-    suffix = path.suffix.lower()
-    with path.open(encoding="utf-8", newline="") as f:
-        if suffix == ".csv":
-            reader = csv.DictReader(f)
-            column = next(
-                (c for c in ("path", "video", "video_path") if c in (reader.fieldnames or [])), None
-            )
-            if column is None:
-                raise AnnotationError(f"{path}: needs a `path` or `video` column; it has {reader.fieldnames}")
-            for row in reader:
-                if row[column]:
-                    yield CaptionItem(_absolute(root, row[column]), row.get("video_id") or "")
-        elif suffix == ".jsonl":
-            for number, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                    video = row.get("video") or row.get("path") or row["video_id"] + ".mp4"
-                except (json.JSONDecodeError, KeyError, TypeError, AttributeError):
-                    raise AnnotationError(
-                        f"{path}:{number}: expected a JSON object with `video` or `video_id`"
-                    ) from None
-                yield CaptionItem(_absolute(root, video), str(row.get("video_id") or ""))
-        else:
-            for line in f:
-                if line.strip() and not line.lstrip().startswith("#"):
-                    yield CaptionItem(_absolute(root, line.strip()))
-
-
-def _absolute(root: Path, video: str) -> str:
-    return os.path.abspath(os.path.join(root, os.path.expanduser(video)))
-
-
-# ----------------------------------------------------------------------------------------
-# Output: part files, merge, what is recorded
-# ----------------------------------------------------------------------------------------
-
-
-def read_records(path: Path) -> Iterator[dict[str, Any]]:
-    """The complete JSON records of a JSONL file; a torn or garbled line is skipped."""
-    try:
-        f = path.open("rb")
-    except FileNotFoundError:
-        return
-    with f:
-        for line in f:
-            if not line.endswith(b"\n"):
-                break  # torn by a kill: its video was not finished
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and "video" in record:
-                yield record
-
-
-def record_key(record: dict[str, Any]) -> tuple[str, Any]:
-    return record["video"], record.get("start")
-
-
-def recorded_videos(out: Path) -> set[str]:
-    """Videos OUT holds completely (every window of a windowed video)."""
-    return {video for video, _ in _complete(list(read_records(out)))}
-
-
-def _complete(records: list[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
-    """Records by key, first one wins, dropping windowed videos that miss some windows."""
-    by_key: dict[tuple[str, Any], dict[str, Any]] = {}
-    for record in records:
-        by_key.setdefault(record_key(record), record)
-    windows: dict[str, set[Any]] = {}
-    expected: dict[str, int] = {}
-    for (video, start), record in by_key.items():
-        windows.setdefault(video, set()).add(start)
-        expected[video] = max(expected.get(video, 1), int(record.get("windows", 1)))
-    incomplete = {video for video, starts in windows.items() if len(starts) < expected[video]}
-    return {key: r for key, r in by_key.items() if key[0] not in incomplete}
-
-
-def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
-    """Append the part files' records that OUT lacks to OUT (in `order`), then delete the parts."""
-    if not parts.is_dir():
-        return 0
-    files = sorted(parts.glob("*.jsonl"))
-    existing = _complete(list(read_records(out)))
-    merged = _complete(list(existing.values()) + [r for f in files for r in read_records(f)])
-    rank = {video: i for i, video in enumerate(order)}
-    new = [r for key, r in merged.items() if key not in existing]
-    new.sort(key=lambda r: (rank.get(r["video"], len(rank)), r.get("start") or 0.0))
-    if new:
-        _cut_torn_tail(out)
-        with out.open("a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
-            f.flush()
-            os.fsync(f.fileno())
-    for file in files:
-        file.unlink()
-    with contextlib.suppress(OSError):
-        parts.rmdir()
-    return len(new)
-
-
-def _cut_torn_tail(path: Path) -> None:
-    """Truncate a file to its last newline (a killed append can leave half a line)."""
-    if not path.exists() or path.stat().st_size == 0:
-        return
-    with path.open("rb+") as f:
-        f.seek(0, os.SEEK_END)
-        size = f.tell()
-        f.seek(max(0, size - 1))
-        if f.read(1) == b"\n":
-            return
-        data_end = size
-        step = 1 << 16
-        while data_end > 0:
-            start = max(0, data_end - step)
-            f.seek(start)
-            block = f.read(data_end - start)
-            cut = block.rfind(b"\n")
-            if cut >= 0:
-                f.truncate(start + cut + 1)
-                return
-            data_end = start
-        f.truncate(0)
-
-
-@contextlib.contextmanager
-def _exclusive(out: Path) -> Iterator[None]:
-    """Refuse a second run writing the same OUT at the same time (POSIX advisory lock)."""
-    import fcntl
-
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(
-                f"another `vidcap caption` is writing {out}; wait for it or use another --out"
-            ) from None
-        yield
-
-
-# ----------------------------------------------------------------------------------------
 # The work of one task: decode (threads) -> ViT -> generate -> part file
 # ----------------------------------------------------------------------------------------
 
@@ -389,7 +175,7 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
 
 
 def caption_task(
-    task: tuple[str, list[CaptionItem]],
+    task: tuple[str, list[VideoInput]],
     model_path: str,
     parts_dir: str,
     config: Config,
@@ -451,7 +237,7 @@ def _caption_batch(
 
 @dataclass
 class _Clip:
-    item: CaptionItem
+    item: VideoInput
     pixels: Any = None  # (T, 3, S, S), None for an error
     error: str = ""
     start: float | None = None
@@ -501,7 +287,7 @@ def _clip_batches(clips: Iterator[_Clip], batch_size: int) -> Iterator[_ClipBatc
         yield batch
 
 
-def _decoded(items: list[CaptionItem], settings: dict[str, int], config: Config, pool: ThreadPoolExecutor,
+def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, pool: ThreadPoolExecutor,
              timers: dict[str, float]) -> Iterator[_Clip]:  # fmt: skip
     """Clips of `items` in order, decoded about two batches ahead in `pool`."""
     ahead = 2 * config.caption.batch_size + config.caption.decode_workers
@@ -512,7 +298,7 @@ def _decoded(items: list[CaptionItem], settings: dict[str, int], config: Config,
         yield from clips
 
 
-def _decode_item(item: CaptionItem, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
+def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
     """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
     from pipeline.sampling import normalize_frames
     from pipeline.video import VideoDecodeError, load_clip, probe_video

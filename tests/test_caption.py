@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import config_from_dict
-from stages.caption import caption_videos, expand_inputs, merge_parts, read_records
+from pipeline.inputs import expand_inputs
+from pipeline.records import merge_parts, read_records
+from stages.caption import caption_videos
 
 NUM_GOOD = 6
 BROKEN = {

@@ -1,0 +1,122 @@
+"""JSONL result files that many workers append to and any kill can cut: part files, merged.
+
+Each task appends to its own part file, one batch at a time, flushed and fsynced, so no two
+writers share a file and a kill loses at most the batches in flight (and may tear the last
+line, which readers skip). `merge_parts` appends to OUT the records it lacks, in input order,
+then deletes the parts; a kill during the merge leaves them for the next merge, and a torn
+last line of OUT is cut off first. A record's key is its `video` (and `start`, for windows).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from pipeline.stage import StageError
+
+
+def read_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The complete JSON records of a JSONL file; a torn or garbled line is skipped."""
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return
+    with f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break  # torn by a kill: its video was not finished
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and "video" in record:
+                yield record
+
+
+def record_key(record: dict[str, Any]) -> tuple[str, Any]:
+    return record["video"], record.get("start")
+
+
+def recorded_videos(out: Path) -> set[str]:
+    """Videos OUT holds completely (every window of a windowed video)."""
+    return {video for video, _ in _complete(list(read_records(out)))}
+
+
+def _complete(records: list[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
+    """Records by key, first one wins, dropping windowed videos that miss some windows."""
+    by_key: dict[tuple[str, Any], dict[str, Any]] = {}
+    for record in records:
+        by_key.setdefault(record_key(record), record)
+    windows: dict[str, set[Any]] = {}
+    expected: dict[str, int] = {}
+    for (video, start), record in by_key.items():
+        windows.setdefault(video, set()).add(start)
+        expected[video] = max(expected.get(video, 1), int(record.get("windows", 1)))
+    incomplete = {video for video, starts in windows.items() if len(starts) < expected[video]}
+    return {key: r for key, r in by_key.items() if key[0] not in incomplete}
+
+
+def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
+    """Append the part files' records that OUT lacks to OUT (in `order`), then delete the parts."""
+    if not parts.is_dir():
+        return 0
+    files = sorted(parts.glob("*.jsonl"))
+    existing = _complete(list(read_records(out)))
+    merged = _complete(list(existing.values()) + [r for f in files for r in read_records(f)])
+    rank = {video: i for i, video in enumerate(order)}
+    new = [r for key, r in merged.items() if key not in existing]
+    new.sort(key=lambda r: (rank.get(r["video"], len(rank)), r.get("start") or 0.0))
+    if new:
+        _cut_torn_tail(out)
+        with out.open("a", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+            f.flush()
+            os.fsync(f.fileno())
+    for file in files:
+        file.unlink()
+    with contextlib.suppress(OSError):
+        parts.rmdir()
+    return len(new)
+
+
+def _cut_torn_tail(path: Path) -> None:
+    """Truncate a file to its last newline (a killed append can leave half a line)."""
+    if not path.exists() or path.stat().st_size == 0:
+        return
+    with path.open("rb+") as f:
+        f.seek(0, os.SEEK_END)
+        size = f.tell()
+        f.seek(max(0, size - 1))
+        if f.read(1) == b"\n":
+            return
+        data_end = size
+        step = 1 << 16
+        while data_end > 0:
+            start = max(0, data_end - step)
+            f.seek(start)
+            block = f.read(data_end - start)
+            cut = block.rfind(b"\n")
+            if cut >= 0:
+                f.truncate(start + cut + 1)
+                return
+            data_end = start
+        f.truncate(0)
+
+
+@contextlib.contextmanager
+def exclusive_writer(out: Path) -> Iterator[None]:
+    """Refuse a second run writing the same OUT at the same time (POSIX advisory lock)."""
+    import fcntl
+
+    with open(out.with_name(out.name + ".lock"), "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise StageError(
+                f"another `vidcap caption` is writing {out}; wait for it or use another --out"
+            ) from None
+        yield
