@@ -156,6 +156,19 @@ def check_checkpoint_settings(path: Path, settings: dict[str, Any]) -> None:
         )
 
 
+def check_checkpoint_plan(path: Path, steps_per_epoch: int, total_steps: int) -> None:
+    """Refuse to resume when the data plan changed (e.g. more videos extracted since): the saved
+    step would point at another epoch and position."""
+    meta = json.loads((path / "meta.json").read_text())
+    saved = (meta.get("steps_per_epoch", steps_per_epoch), meta.get("total_steps", total_steps))
+    if saved != (steps_per_epoch, total_steps):
+        raise StageError(
+            f"{path} was written for {saved[0]} steps per epoch and {saved[1]} steps in all; the data now "
+            f"gives {steps_per_epoch} and {total_steps} (did the set of videos change?). Re-run with "
+            "--force to start this stage over"
+        )
+
+
 def replace_dir(target: Path, write: Callable[[Path], Any]) -> None:
     """Replace folder `target` by what `write(tmp)` puts in a fresh folder, never leaving neither.
 

@@ -209,9 +209,9 @@ class TrainConfig:
 @dataclass
 class ScstConfig:
     epochs: int = 1
-    """Passes over the training videos."""
+    """Passes over the training videos, when `max_steps` is 0."""
     max_steps: int = 20000
-    """Stop after this many optimiser steps (0: no limit besides epochs)."""
+    """Optimiser steps (the paper: 20k iterations); 0: `epochs` decide."""
     batch_size: int = 16
     """Videos per optimiser step (global)."""
     lr: float = 1e-5

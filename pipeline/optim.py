@@ -32,7 +32,7 @@ class LoopSettings:
     warmup_lr: float = 0.0
     grad_accum: int = 1
     max_steps: int = 0
-    """0: epochs decide."""
+    """Optimiser steps in all; 0: `epochs` x steps per epoch."""
     num_workers: int = 0
     temporal_lr_scale: float = 1.0
     batch_key: str = "train.batch_size"

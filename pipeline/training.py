@@ -39,6 +39,7 @@ import torch.distributed as dist
 
 from pipeline.checkpoints import (
     LoopState,
+    check_checkpoint_plan,
     check_checkpoint_settings,
     latest_checkpoint,
     load_checkpoint,
@@ -161,9 +162,8 @@ def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
         settings.batch_size, env.world_size, settings.grad_accum, settings.batch_key, settings.accum_key
     )
     sharding = Sharding(settings.batch_size, env.world_size, env.rank, settings.grad_accum)
-    total_steps = plan.steps_per_epoch * settings.epochs
-    if settings.max_steps:
-        total_steps = min(total_steps, settings.max_steps)
+    # `max_steps` (SCST: the paper's 20k iterations) sets the length when given; else the epochs.
+    total_steps = settings.max_steps or plan.steps_per_epoch * settings.epochs
     optimizer, scheduler = build_optimizer(model, settings, total_steps)
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped: torch.nn.Module = _ObjectiveModule(model, objective)
@@ -180,6 +180,7 @@ def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
     state, resumed = LoopState(), latest_checkpoint(job.stage_dir)
     if resumed is not None:
         check_checkpoint_settings(resumed, job.fingerprint_settings)
+        check_checkpoint_plan(resumed, plan.steps_per_epoch, total_steps)
         state = load_checkpoint(resumed, model, optimizer, scheduler, env)
         job.log.info("resuming from %s (step %d of %d)", resumed, state.global_step, total_steps)
     else:

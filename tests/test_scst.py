@@ -155,6 +155,21 @@ def test_scst_stage_outputs(scst_run):
     assert {"reward", "baseline", "advantage_std", "sample_words", "loss", "lr"} <= set(steps[0])
 
 
+def test_max_steps_sets_the_length_even_beyond_one_epoch(world, tmp_path):
+    """The presets give `scst.max_steps: 20000` and no epochs: the steps must decide (3 per epoch here)."""
+    import stages.scst as scst
+    import stages.train as train
+
+    config = tiny_config(
+        world, tmp_path, train={"epochs": 1},
+        scst={"epochs": 1, "batch_size": 4, "max_steps": 5, "samples": 2, "max_new_tokens": 6,
+              "checkpoint_every": 100, "log_every": 1},
+    )  # fmt: skip
+    train.run(config)
+    summary = scst.run(config)
+    assert summary["steps"] == 5 and summary["steps_per_epoch"] == 3 and summary["epochs"] == 2
+
+
 def test_training_df_is_cached_and_matches_the_references(scst_run):
     from pipeline.annotations import load_manifest
     from pipeline.cider import CiderD, DocumentFrequency, simple_tokenize

@@ -357,3 +357,13 @@ def test_temporal_embeddings_get_their_own_learning_rate(tiny_world):
     schedule.step()
     lrs = [g["lr"] for g in optimizer.param_groups]
     assert lrs[2] == pytest.approx(10 * lrs[0]) and lrs[0] < 1e-3  # decays with the others
+
+
+def test_resume_refuses_a_changed_data_plan(tmp_path):
+    from pipeline.checkpoints import check_checkpoint_plan
+    from pipeline.stage import StageError
+
+    (tmp_path / "meta.json").write_text(json.dumps({"steps_per_epoch": 3, "total_steps": 6}))
+    check_checkpoint_plan(tmp_path, 3, 6)  # the same plan: resumes
+    with pytest.raises(StageError, match="3 steps per epoch and 6 steps in all; the data now gives 4 and 8"):
+        check_checkpoint_plan(tmp_path, 4, 8)
