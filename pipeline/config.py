@@ -229,13 +229,13 @@ class ScstConfig:
     baseline: str = "greedy"
     """Reward baseline: `greedy` (reward of the greedy caption) or `mean` (of the other k-1 samples)."""
     temperature: float = 1.0
-    """Sampling temperature."""
+    """Sampling temperature; the policy gradient scores the samples at the same temperature."""
     top_k: int = 0
-    """Top-k sampling (0: off)."""
+    """Top-k sampling (0: off); the gradient uses the untruncated distribution (an approximation)."""
     top_p: float = 1.0
-    """Nucleus sampling threshold (1.0: off)."""
+    """Nucleus sampling threshold (1.0: off); like top_k, not applied to the gradient."""
     max_new_tokens: int = 32
-    """Length limit of sampled captions."""
+    """Length limit of sampled captions (at least `eval.min_new_tokens`, as in evaluation)."""
     checkpoint_every: int = 200
     """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
     log_every: int = 10

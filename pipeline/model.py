@@ -247,16 +247,26 @@ class VideoCaptioner(nn.Module):
         logp = self._caption_token_logprobs(self.query_outputs(frame_tokens), ids, mask)  # (B, N)
         return -(logp * mask).sum() / mask.sum()
 
-    def sequence_logprobs(self, frame_tokens: Tensor, token_ids: Tensor, repeats: int = 1) -> Tensor:
+    def sequence_logprobs(
+        self,
+        frame_tokens: Tensor,
+        token_ids: Tensor,
+        repeats: int = 1,
+        temperature: float = 1.0,
+        min_new_tokens: int = 0,
+    ) -> Tensor:
         """(B*repeats,) summed log-probs of each caption's tokens through its first EOS, with grad.
 
         `token_ids` (B*repeats, S) as `generate` returns them, video-major (`repeats` samples per
-        video); queries are computed once per video and expanded.
+        video); queries are computed once per video and expanded. `temperature` and
+        `min_new_tokens` apply what `generate` sampled with (logits / temperature; no EOS before
+        `min_new_tokens`), so the log-probs are those of the distribution that drew the samples.
         """
         queries = self.query_outputs(frame_tokens).repeat_interleave(repeats, dim=0)  # (B*k, Q, H)
         ids = token_ids.to(self.device)
         mask = _through_first(ids, self.tokenizer.eos_token_id)
-        return (self._caption_token_logprobs(queries, ids, mask) * mask).sum(dim=1)
+        logp = self._caption_token_logprobs(queries, ids, mask, temperature, min_new_tokens)
+        return (logp * mask).sum(dim=1)
 
     @torch.no_grad()
     def generate(
@@ -344,7 +354,9 @@ class VideoCaptioner(nn.Module):
         prompt = embed(self.prompt_ids)[None].expand(queries.shape[0], -1, -1)  # (B, P, H)
         return torch.cat([queries.to(prompt.dtype), prompt], dim=1)
 
-    def _caption_token_logprobs(self, queries: Tensor, ids: Tensor, mask: Tensor) -> Tensor:
+    def _caption_token_logprobs(
+        self, queries: Tensor, ids: Tensor, mask: Tensor, temperature: float = 1.0, min_new_tokens: int = 0
+    ) -> Tensor:
         """Teacher-forced log p(ids[:, j] | video, prompt, ids[:, :j]) per token: (B, N)."""
         lm = self.language_model
         prefix = self._prefix_embeds(queries)  # (B, Q+P, H)
@@ -366,8 +378,12 @@ class VideoCaptioner(nn.Module):
                     attention_mask=attention,
                     decoder_input_ids=torch.cat([start, shifted], dim=1),
                 ).logits
-        # (B, N, V) -> per-token log-prob of the target, in fp32
-        return -nn.functional.cross_entropy(logits.float().transpose(1, 2), ids, reduction="none")
+        logits = logits.float() / temperature  # (B, N, V), fp32
+        if min_new_tokens > 0:  # as generate's min-length processor: EOS impossible before then
+            early = torch.zeros_like(logits, dtype=torch.bool)
+            early[:, :min_new_tokens, self.tokenizer.eos_token_id] = True
+            logits = logits.masked_fill(early, -1e9)  # finite: masked-out positions stay 0 * finite
+        return -nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
 
     def _generate(self, prefix: Tensor, config: GenerationConfig) -> Any:
         """Run transformers' generate from [queries ; prompt] embeddings only.

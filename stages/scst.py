@@ -68,7 +68,9 @@ class ScstObjective:
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
         frames, video_ids, k = batch["frame_tokens"], batch["video_ids"], self.k  # frames (B, T, L, D)
-        model.eval()  # sample the policy we deploy: no dropout
+        # The policy we deploy, in eval mode (no dropout), samples and is scored with gradient:
+        # REINFORCE needs the log-probs of the distribution that drew the samples.
+        model.eval()
         with torch.no_grad():
             sampled = model.generate(
                 frames, num_beams=1, num_return_sequences=k, **self.sampling, **self.lengths
@@ -76,13 +78,19 @@ class ScstObjective:
             greedy = (
                 model.generate(frames, num_beams=1, **self.lengths) if self.baseline == "greedy" else None
             )
-        model.train()
         samples = [
             [simple_tokenize(t) for t in sampled.texts[i * k : (i + 1) * k]] for i in range(len(video_ids))
         ]
         baselines = [simple_tokenize(t) for t in greedy.texts] if greedy is not None else None
         reward, advantage = cider_d_reward(self.scorer, video_ids, samples, baselines)  # (B, k) each
-        logp = model.sequence_logprobs(frames, sampled.token_ids, repeats=k)  # (B*k,), with grad
+        logp = model.sequence_logprobs(
+            frames,
+            sampled.token_ids,
+            repeats=k,
+            temperature=self.sampling["temperature"],
+            min_new_tokens=self.lengths["min_new_tokens"],
+        )  # (B*k,), with grad
+        model.train()
         weight = torch.as_tensor(advantage.reshape(-1), dtype=logp.dtype, device=logp.device)
         loss = -(weight * logp).mean()
         logs = {

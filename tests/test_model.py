@@ -210,6 +210,28 @@ def test_sequence_logprobs_match_generation_scores_and_carry_grad(folders, flavo
     assert all(p.grad is None for p in model.language_model.parameters())  # frozen LLM
 
 
+@torch.no_grad()
+def test_sequence_logprobs_score_the_distribution_that_sampled(folders):
+    """Temperature and min_new_tokens as generate applies them: logits / T, no EOS before the minimum."""
+    model = make(folders["tiny-t5"])
+    x = tokens()
+    greedy = model.generate(x, num_beams=1, max_new_tokens=7, min_new_tokens=3)
+    plain = model.sequence_logprobs(x, greedy.token_ids)
+    at_min = model.sequence_logprobs(x, greedy.token_ids, min_new_tokens=3)
+    cold = model.sequence_logprobs(x, greedy.token_ids, temperature=0.05, min_new_tokens=3)
+    hot = model.sequence_logprobs(x, greedy.token_ids, temperature=2.0, min_new_tokens=3)
+    # The greedy tokens are the argmax of that distribution, whose probability falls as T rises.
+    assert (cold > at_min).all() and (at_min > hot).all() and (at_min > plain).all()
+    # Forbidding EOS at the first position renormalises it: log p - log(1 - p_eos). Position 0
+    # sees only the decoder start token, so p_eos there is the first target's EOS probability.
+    ids = greedy.token_ids.to(model.device)
+    eos = torch.full_like(ids, model.tokenizer.eos_token_id)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    p_eos = model._caption_token_logprobs(model.query_outputs(x), eos, mask).exp()[:, 0]  # (B,)
+    expected = plain - torch.log1p(-p_eos)
+    torch.testing.assert_close(model.sequence_logprobs(x, greedy.token_ids, min_new_tokens=1), expected)
+
+
 def test_sequence_logprobs_stop_at_first_eos(folders):
     model = make(folders["tiny-opt"])
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
