@@ -191,6 +191,8 @@ def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float
     try:
         return meteor.compute_score(gts, res)
     except ValueError as err:  # an empty or non-numeric line: java died or printed an error
+        if meteor.lock.locked():  # compute_score raised holding it; Meteor.__del__ would deadlock
+            meteor.lock.release()
         meteor.meteor_p.kill()
         raise RuntimeError(f"METEOR failed: {meteor.meteor_p.stderr.read().decode()[-2000:]}") from err
     finally:

@@ -182,3 +182,33 @@ def test_score_files_errors_name_file_and_record(files):
         score_files(files / "bad.jsonl", files / "res.json")
     with pytest.raises(ValueError, match="impl"):
         score_files(files / "gt.json", files / "res.json", impl="java")
+
+
+def test_a_failing_meteor_raises_and_does_not_hang(tmp_path):
+    """METEOR answering garbage (java crashed, out of memory): a clear error, then a clean exit.
+
+    pycocoevalcap raises while holding its lock and its `__del__` takes the lock again, which
+    would hang the process for ever; run in a subprocess so a regression fails instead of hanging.
+    """
+    import subprocess
+    import sys
+
+    script = tmp_path / "meteor_fails.py"
+    script.write_text(
+        "import subprocess, threading\n"
+        "import pycocoevalcap.meteor.meteor as mm\n"
+        "def init(self):\n"
+        "    self.meteor_p = subprocess.Popen(['cat'], stdin=subprocess.PIPE, stdout=subprocess.PIPE,\n"
+        "                                     stderr=subprocess.PIPE)\n"
+        "    self.lock = threading.Lock()\n"
+        "mm.Meteor.__init__ = init  # echoes the request instead of scores\n"
+        "from pipeline.metrics import _meteor\n"
+        "try:\n"
+        "    _meteor({'v': ['a man']}, {'v': ['a man']})\n"
+        "except RuntimeError as e:\n"
+        "    print('raised:', e)\n"
+        "import gc; gc.collect()\n"
+        "print('exited cleanly')\n"
+    )
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0 and "raised: METEOR failed" in out.stdout and "exited cleanly" in out.stdout
