@@ -65,10 +65,13 @@ def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
     if not parts.is_dir():
         return 0
     files = sorted(parts.glob("*.jsonl"))
-    existing = _complete(list(read_records(out)))
-    merged = _complete(list(existing.values()) + [r for f in files for r in read_records(f)])
+    present = list(read_records(out))
+    # Keys already in OUT are never appended again, even of a windowed video that OUT holds only
+    # in part (a kill during the append below): the parts complete it with the missing windows.
+    have = {record_key(r) for r in present}
+    merged = _complete(present + [r for f in files for r in read_records(f)])
     rank = {video: i for i, video in enumerate(order)}
-    new = [r for key, r in merged.items() if key not in existing]
+    new = [r for key, r in merged.items() if key not in have]
     new.sort(key=lambda r: (rank.get(r["video"], len(rank)), r.get("start") or 0.0))
     if new:
         _cut_torn_tail(out)

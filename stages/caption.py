@@ -59,7 +59,7 @@ from pipeline.dask_utils import (
     worker_cached,
 )
 from pipeline.inputs import VideoInput, expand_inputs
-from pipeline.records import exclusive_writer, merge_parts, recorded_videos
+from pipeline.records import exclusive_writer, merge_parts, read_records, recorded_videos
 from pipeline.stage import StageError, resolve_device, stage_logger
 
 SAMPLING = "uniform"  # view 0 of pipeline.video.load_clip: the evaluation sampling
@@ -83,6 +83,7 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
     with exclusive_writer(out):
+        _refuse_other_settings(out, model_path, config)
         items = expand_inputs(inputs, log)
         order = [it.video for it in items]
         merge_parts(out, parts, order)  # first finish what a killed run left behind
@@ -118,6 +119,33 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
         summary["generate_s"],
     )  # fmt: skip
     return summary
+
+
+def _settings(model_path: str, config: Config) -> dict[str, Any]:
+    """What makes a caption what it is, written into every record and checked on resume."""
+    exported = (Path(model_path) / "video_model.json").is_file()  # then the export fixes the frames
+    model = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path  # a hub id as given
+    settings: dict[str, Any] = {"model": model, "sampling": SAMPLING}
+    if not exported:
+        settings["num_frames"] = config.model.num_frames
+    if config.caption.window > 0:
+        settings["window_s"] = config.caption.window
+    return settings
+
+
+def _refuse_other_settings(out: Path, model_path: str, config: Config) -> None:
+    """OUT's records must come from this model and windowing, or a resume would mix captions."""
+    first = next(read_records(out), None)
+    if first is None:
+        return
+    want = _settings(model_path, config)
+    keys = ["model", "sampling", "window_s"] + (["num_frames"] if "num_frames" in want else [])
+    changed = [f"{k}: {first.get(k)!r} -> {want.get(k)!r}" for k in keys if first.get(k) != want.get(k)]
+    if changed:
+        raise StageError(
+            f"{out} holds captions made with other settings ({'; '.join(changed)}); "
+            "use another --out, or delete it to caption again"
+        )
 
 
 class _Totals:
@@ -186,7 +214,7 @@ def caption_task(
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
     result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
-    base = {"model": model_path, "num_frames": settings["num_frames"], "sampling": SAMPLING}
+    base = {**_settings(model_path, config), "num_frames": settings["num_frames"]}
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -327,12 +355,17 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
             clips.append(
                 _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
             )
-    except (VideoDecodeError, OSError) as e:
-        clips = [_Clip(item, error=str(e) if isinstance(e, VideoDecodeError) else f"{type(e).__name__}: {e}")]
+    except VideoDecodeError as e:
+        clips = [_Clip(item, error=str(e))]
+    except Exception as e:  # one video must never stop a run over millions: record why, go on
+        clips = [_Clip(item, error=f"{item.video}: {type(e).__name__}: {e}")]
     return clips, time.perf_counter() - started
 
 
 def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:
-    """[start, end) spans of `window` seconds covering `duration`; the last one may be shorter."""
-    count = max(1, math.ceil(duration / window - 1e-9))
-    return [(round(i * window, 3), round(min(duration, (i + 1) * window), 3)) for i in range(count)]
+    """[start, end) spans of `window` seconds covering `duration`, in milliseconds; the last one may
+    be shorter, and a remainder under 1 ms (a duration just past a multiple of the window) is not
+    a window of its own."""
+    count = max(1, math.ceil((duration - 1e-3) / window))
+    edges = [round(min(duration, i * window), 3) for i in range(count)] + [round(duration, 3)]
+    return list(zip(edges[:-1], edges[1:], strict=True))

@@ -233,3 +233,57 @@ def test_windows_caption_consecutive_spans(world, tmp_path):
     assert all(r["caption"] for r in records)
     again = caption_videos([str(video)], world["model"], str(out), _config(window=0.75))
     assert again["skipped"] == 1 and len(_records(out)) == 3
+
+
+def test_windows_never_end_in_an_empty_span():
+    from stages.caption import _windows
+
+    assert _windows(30.0001, 10) == [(0, 10), (10, 20), (20, 30.0)]  # not a 4th window [30.0, 30.0)
+    assert _windows(25, 10) == [(0, 10), (10, 20), (20, 25)]
+    for duration in (0.5, 9.9996, 10.0, 30.0001, 86014 / 29.97):  # the last: 86014 frames at 29.97 fps
+        spans = _windows(duration, 10)
+        assert all(end > start for start, end in spans) and spans[-1][1] == round(duration, 3)
+
+
+def test_merge_completes_a_windowed_video_without_duplicating_its_windows(tmp_path):
+    out, parts = tmp_path / "o.jsonl", tmp_path / "o.jsonl.parts"
+    parts.mkdir()
+    window = [
+        {"video": "/x", "caption": f"w{i}", "start": 10.0 * i, "window": i, "windows": 3} for i in range(3)
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in window[:2]))  # a kill during the append
+    (parts / "t1.jsonl").write_text("".join(json.dumps(r) + "\n" for r in window))
+    assert merge_parts(out, parts, ["/x"]) == 1
+    assert [r["window"] for r in _records(out)] == [0, 1, 2]
+
+
+def test_a_video_that_raises_anything_gets_an_error_record(world, tmp_path, monkeypatch):
+    import pipeline.video
+
+    good = sorted(world["videos"].glob("synth*.mp4"))[:2]
+    real = pipeline.video.load_clip
+
+    def flaky(path, *args, **kwargs):
+        if str(path) == str(good[0]):
+            raise ValueError("something nobody foresaw")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.video, "load_clip", flaky)
+    out = tmp_path / "o.jsonl"
+    summary = caption_videos([str(p) for p in good], world["model"], str(out), _config())
+    assert summary["errors"] == 1 and summary["captioned"] == 1
+    errors = [r for r in _records(out) if "error" in r]
+    assert len(errors) == 1 and "ValueError: something nobody foresaw" in errors[0]["error"]
+
+
+def test_resuming_with_other_settings_is_refused(world, tmp_path):
+    from pipeline.stage import StageError
+
+    video = str(sorted(world["videos"].glob("synth*.mp4"))[0])
+    out = tmp_path / "o.jsonl"
+    caption_videos([video], world["model"], str(out), _config())
+    with pytest.raises(StageError, match="other settings .*window_s: None -> 0.75"):
+        caption_videos([video], world["model"], str(out), _config(window=0.75))
+    with pytest.raises(StageError, match="num_frames: 4 -> 8"):
+        caption_videos([video], world["model"], str(out), config_from_dict({"model": {"num_frames": 8}}))
+    assert len(_records(out)) == 1  # nothing was added
