@@ -31,6 +31,7 @@ import contextlib
 import itertools
 import logging
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
@@ -120,18 +121,43 @@ def _visible_gpus() -> list[str]:
         return []
 
 
-def worker_cached(key: Hashable, load: Callable[[], T]) -> T:
-    """The object `load()` returned the first time this process asked for `key` (a model, say)."""
+def worker_cached(key: tuple[Hashable, ...], load: Callable[[], T]) -> T:
+    """The object `load()` returned the first time this process asked for `key` (a model, say).
+
+    `key[0]` names its kind ("vit", "captioner"): one object of a kind is kept per process, so a
+    long-lived worker that serves runs with other settings holds the latest model, not all of them.
+    """
     with _CACHE_LOCK:
         if key not in _CACHE:
+            _drop(lambda cached: cached[0] == key[0])
             _CACHE[key] = load()
         return _CACHE[key]
 
 
-def clear_worker_cache() -> None:
-    """Drop every cached object of this process (tests; freeing GPU memory between stages)."""
+def release_cached(kind: Hashable) -> None:
+    """Drop this process's cached objects of `kind` (a stage done with its model frees the GPU)."""
     with _CACHE_LOCK:
-        _CACHE.clear()
+        _drop(lambda cached: cached[0] == kind)
+
+
+def clear_worker_cache() -> None:
+    """Drop every cached object of this process (tests)."""
+    with _CACHE_LOCK:
+        _drop(lambda cached: True)
+
+
+def _drop(matches: Callable[[tuple[Hashable, ...]], bool]) -> None:
+    """Remove matching entries (the lock held) and return their GPU memory to the driver."""
+    stale = [k for k in _CACHE if matches(k)]
+    for k in stale:
+        del _CACHE[k]
+    if stale:
+        import gc
+
+        gc.collect()
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()
 
 
 def configure_torch_threads() -> None:

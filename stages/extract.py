@@ -42,6 +42,7 @@ from pipeline.dask_utils import (
     on_every_worker,
     prefetch_map,
     progress_counter,
+    release_cached,
     run_chunks,
     split_chunks,
     worker_cached,
@@ -81,6 +82,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         with progress_counter(len(todo), "extract") as bar:
             run_chunks(client, extract_videos, chunks, config, str(store.path), vit["dtype"],
                        on_result=lambda r: totals.add(r, stage.log), on_progress=bar.update)  # fmt: skip
+    release_cached("vit")  # in-process, the next stages of run_pipeline need the memory, not the ViT
     summary = totals.summary(
         mode, store, vit, setup_s=totals.started - started, seconds=time.time() - started
     )

@@ -251,3 +251,15 @@ def test_weights_hash_follows_the_weights_not_the_name():
     with torch.no_grad():
         twin.weight[0, 0] += 1e-3
     assert hash_weights(module) != hash_weights(twin)
+
+
+def test_one_model_of_a_kind_is_cached_per_process_and_can_be_released():
+    from pipeline.dask_utils import _CACHE, release_cached, worker_cached
+
+    loads = []
+    first = worker_cached(("probe-kind", 1), lambda: loads.append(1) or "model 1")
+    assert worker_cached(("probe-kind", 1), lambda: loads.append(2) or "again") == first and loads == [1]
+    assert worker_cached(("probe-kind", 2), lambda: loads.append(3) or "model 2") == "model 2"
+    assert ("probe-kind", 1) not in _CACHE and ("probe-kind", 2) in _CACHE  # the older one dropped
+    release_cached("probe-kind")
+    assert not any(key[0] == "probe-kind" for key in _CACHE)
