@@ -94,15 +94,20 @@ def _vision_files(pretrained: str | Path) -> list[Path]:
 
 def _hub_vision_files(repo_id: str) -> list[Path]:
     from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     def fetch(name: str) -> Path:
         return Path(hf_hub_download(repo_id, name))
 
     try:
         index = fetch(INDEX_FILE)
-    except EntryNotFoundError:  # a single-file checkpoint
+    except RemoteEntryNotFoundError:  # the hub has no index: a single-file checkpoint
         return [fetch(SINGLE_FILE)]
+    except LocalEntryNotFoundError as offline:  # offline: a cached single file, or this error
+        try:
+            return [fetch(SINGLE_FILE)]
+        except LocalEntryNotFoundError:
+            raise offline from None
     return _from_index(index, fetch)
 
 

@@ -485,3 +485,5 @@ def test_frame_encoder_fetches_only_vit_shards_from_the_hub(folders, tmp_path, m
     (tmp_path / "single").mkdir()
     (tmp_path / "single" / SINGLE_FILE).write_bytes((Path(folders["tiny-t5"]) / SINGLE_FILE).read_bytes())
     assert _vision_files("org/single") == [tmp_path / "single" / SINGLE_FILE]  # no index: one file
+    with pytest.raises(LocalEntryNotFoundError, match=INDEX_FILE):  # offline, nothing cached: says so
+        _vision_files("org/absent")
