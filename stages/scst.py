@@ -23,6 +23,8 @@ Outputs in `<run.output_dir>/scst/`: as `train/`, plus `cider_df.npz`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -35,7 +37,7 @@ from pipeline.cider import CiderD, DocumentFrequency, cider_d_reward, simple_tok
 from pipeline.config import Config
 from pipeline.distributed import barrier, setup_distributed
 from pipeline.optim import LoopSettings
-from pipeline.stage import StageError
+from pipeline.stage import StageError, atomic_write_bytes
 from pipeline.training import BEST, finish_stage, fit, open_stage
 
 DF_FILE = "cider_df.npz"
@@ -104,20 +106,27 @@ class ScstObjective:
 
 
 def training_scorer(references: dict[str, Sequence[str]], cache: Path, env: Any) -> CiderD:
-    """CIDEr-D over all training references, df computed once by rank 0 and cached in `cache`."""
+    """CIDEr-D over all training references, df computed once by rank 0 and cached in `cache`.
+
+    The cache is reused only for the very same tokenised references (their SHA-256 sits beside
+    it), so other annotations or another tokenisation never score with stale frequencies.
+    """
     tokenised = {v: [simple_tokenize(c) for c in caps] for v, caps in references.items() if caps}
-    if env.master_process and not _df_matches(cache, len(tokenised)):
+    digest = hashlib.sha256(json.dumps(sorted(tokenised.items())).encode()).hexdigest()
+    stamp = cache.with_name(cache.name + ".sha256")
+    if env.master_process and not _df_matches(cache, stamp, digest):
         tmp = cache.with_name(f".{cache.stem}.tmp.npz")
         CiderD(tokenised).save(tmp)
         os.replace(tmp, cache)
+        atomic_write_bytes(stamp, digest.encode())  # written last: the pair is complete
     barrier(env)
     return CiderD(tokenised, df=DocumentFrequency.load(cache))
 
 
-def _df_matches(path: Path, num_videos: int) -> bool:
+def _df_matches(cache: Path, stamp: Path, digest: str) -> bool:
     try:
-        return DocumentFrequency.load(path).num_docs == num_videos
-    except (OSError, ValueError, KeyError):
+        return stamp.read_text() == digest and cache.is_file()
+    except OSError:
         return False
 
 

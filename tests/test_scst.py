@@ -192,6 +192,11 @@ def test_training_df_is_cached_and_matches_the_references(scst_run):
     assert (
         scorer.score_candidates([video], [tokenised])[0] > 1.0
     )  # a reference scores high against its own set
+    # The same number of videos with other references: recomputed, never the stale frequencies.
+    changed = {v: [c + " indeed" for c in caps] for v, caps in refs.items()}
+    training_scorer(changed, df_path, DistEnv())
+    assert df_path.stat().st_mtime_ns != mtime
+    assert DocumentFrequency.load(df_path).num_docs == 12
 
 
 def test_scst_without_a_ce_model_is_refused(world, tmp_path):
