@@ -13,7 +13,8 @@ Each video becomes one JSON line in OUT:
      "sampling": "uniform"}                         # or "error": "<why it could not be read>"
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
-`start`, `end`, `window` (its index) and `windows` (their number).
+`start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
+Re-running into an OUT written with another model, frame count or window is refused.
 
 How OUT stays correct when several workers write and anything can be killed
 (`pipeline/records.py`):
