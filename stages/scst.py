@@ -18,7 +18,8 @@ wrong). For each video of a batch:
 Everything else (DDP, schedule, checkpoints, resume, validation, logs) is `pipeline.training.fit`,
 as for `train`. The starting model (`<run>/train/best`) is validated first and competes for
 `scst/best/`: if SCST never beats it, `best/` is the CE model and the summary says so.
-Outputs in `<run.output_dir>/scst/`: as `train/`, plus `cider_df.npz`.
+Outputs in `<run.output_dir>/scst/`: as `train/`, plus `cider_df.npz` (training-set document
+frequencies) and `cider_df.npz.sha256` (the references they were computed from).
 """
 
 from __future__ import annotations
