@@ -12,18 +12,34 @@ how long each stage took and the evaluation metrics of every evaluated model.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import STAGES, Config, ConfigError
-from pipeline.stage import atomic_write_json, configure_threads, read_done
-from pipeline.tinypretrain import PRETRAIN_FILE
+import click
 
+from pipeline.config import Config, ConfigError
+from pipeline.demo.synth import make_synthetic_world
+from pipeline.demo.testmodels import init_model
+from pipeline.demo.tinypretrain import PRETRAIN_FILE, pretrain_tiny_model
+from pipeline.runtime.commandline import cli_config, config_options, user_errors
+from pipeline.runtime.files import atomic_write_json
+from pipeline.runtime.stage import configure_threads, read_done
+from stages import caption, extract, scst, train
+from stages import eval as eval_stage
+
+# The stages, in the order a pipeline runs them (their names are also `pipeline.config.STAGES`).
+STAGES: dict[str, Callable[..., dict[str, Any]]] = {
+    "extract": extract.run,
+    "train": train.run,
+    "scst": scst.run,
+    "eval": eval_stage.run,
+    "caption": caption.run,
+}
 # Only the training stages run data-parallel; the others shard work through Dask instead.
 DISTRIBUTED_STAGES = ("train", "scst")
 METRIC_COLUMNS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
@@ -51,8 +67,7 @@ def run_pipeline(
     for name in order:
         previous = read_done(config, name)
         started = time.time()
-        stage = importlib.import_module(f"stages.{name}")
-        summary = stage.run(config, force=name in force or "all" in force)
+        summary = STAGES[name](config, force=name in force or "all" in force)
         # A stage that did nothing leaves its DONE.json as it was (eval, for one, may redo
         # only the models whose checkpoints changed, under an unchanged fingerprint).
         skipped = previous is not None and read_done(config, name) == previous
@@ -119,8 +134,6 @@ def prepare_demo(config: Config) -> None:
     annotations = Path(config.data.annotations)
     world_summary = annotations.parent / "summary.json"  # written last: the world is complete
     if not world_summary.exists():
-        from pipeline.synth import make_synthetic_world
-
         print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)
         make_synthetic_world(annotations.parent, num_videos=config.run.demo_videos, seed=config.run.seed)
     have = json.loads(world_summary.read_text()).get("num_videos")
@@ -131,9 +144,6 @@ def prepare_demo(config: Config) -> None:
         )
     model_dir = Path(config.model.pretrained)
     if not (model_dir / PRETRAIN_FILE).exists():  # written last: the model is complete
-        from pipeline.testmodels import init_model
-        from pipeline.tinypretrain import pretrain_tiny_model
-
         preset = "tiny-opt" if "opt" in model_dir.name else "tiny-t5"
         print(
             f"demo: writing a tiny random {preset} BLIP-2 to {model_dir} and pretraining it "
@@ -144,10 +154,18 @@ def prepare_demo(config: Config) -> None:
         pretrain_tiny_model(model_dir, image_size=config.model.image_size, seed=config.run.seed)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from pipeline.cli import run
-
-    run.main(args=argv, prog_name="run_pipeline.py")
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@config_options
+@click.option("--stages", default="", help="Comma-separated stages to run (default: run.stages).")
+@click.option("--from", "from_stage", default="", help="Start at this stage, skipping the ones before.")
+@click.option("--force", "force", multiple=True, metavar="STAGE", help="Redo this stage (repeatable; 'all').")
+@user_errors
+def main(
+    config_path: str | None, overrides: tuple[str, ...], stages: str, from_stage: str, force: tuple[str, ...]
+) -> None:
+    """Run the stages of one config in order, skipping finished ones and resuming cut ones."""
+    config = cli_config(config_path, overrides)
+    run_pipeline(config, stages=[s for s in stages.split(",") if s], from_stage=from_stage, force=list(force))
 
 
 if __name__ == "__main__":

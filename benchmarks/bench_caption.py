@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     from pipeline.config import config_from_dict
-    from pipeline.synth import make_synthetic_world
-    from pipeline.testmodels import init_model
+    from pipeline.demo.synth import make_synthetic_world
+    from pipeline.demo.testmodels import init_model
     from stages.caption import caption_videos
 
     root = Path(tempfile.mkdtemp(prefix="bench_caption-"))

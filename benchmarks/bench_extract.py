@@ -28,7 +28,7 @@ MID_VISION = dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, 
 
 def build_model(root: Path, name: str, annotations: Path) -> tuple[Path, int]:
     """A random BLIP-2 folder and its image size."""
-    from pipeline.testmodels import init_model
+    from pipeline.demo.testmodels import init_model
 
     folder = init_model(root / name, "tiny-t5", vocab_from=annotations, seed=0)
     if name == "tiny":
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="auto")
     args = parser.parse_args(argv)
 
-    from pipeline.synth import make_synthetic_world
+    from pipeline.demo.synth import make_synthetic_world
 
     root = Path(tempfile.mkdtemp(prefix="bench_extract-"))
     try:

@@ -4,7 +4,7 @@
     python benchmarks/bench_gpu.py --preset vitg-opt-2.7b
     python benchmarks/bench_gpu.py --preset tiny-t5 --device cpu --quick   # smoke run, any machine
 
-The model is a random BLIP-2 with the published shapes (`pipeline.testmodels`, nothing is
+The model is a random BLIP-2 with the published shapes (`pipeline.demo.testmodels`, nothing is
 downloaded), built directly on the device in bf16 (Q-Former fp32, as transformers keeps it);
 frames are random normalised tensors, so decoding is not measured here (see
 bench_extract.py / bench_caption.py for decode vs ViT on real videos). Timings are taken after
@@ -85,8 +85,8 @@ def main() -> None:
 def build(preset: str, device: torch.device, frames: int):
     """A random full-size (or tiny) BLIP-2 as a VideoCaptioner (Q-Former-only CE) and its ViT."""
     from pipeline.config import ModelConfig
+    from pipeline.demo.testmodels import IMAGE_TOKEN, PRESETS, build_blip2, build_tokenizer
     from pipeline.model import VideoCaptioner
-    from pipeline.testmodels import IMAGE_TOKEN, PRESETS, build_blip2, build_tokenizer
     from pipeline.vision import FrameEncoder
 
     flavour, tiny = PRESETS[preset].flavour, PRESETS[preset].tiny

@@ -4,7 +4,7 @@
     python benchmarks/bench_train.py --quick         # tiny preset at 32 px only
     python benchmarks/bench_train.py --threads 4     # torch threads (default 1: shared machines)
 
-The world: synthetic H.264 videos (`pipeline.synth`) and a tiny random BLIP-2 (T5 flavour).
+The world: synthetic H.264 videos (`pipeline.demo.synth`) and a tiny random BLIP-2 (T5 flavour).
 The cache is written by the real `extract` stage. A step is what `pipeline.training.fit` does
 per optimiser step (data loader -> `to_device` -> CE loss -> backward -> AdamW), timed after
 warm-up; the epoch time is steps per epoch / steps per second. From the cache a step reads
@@ -30,8 +30,8 @@ from pipeline.config import config_from_dict
 
 
 def build(root: Path, num_videos: int) -> dict[str, str]:
-    from pipeline.synth import make_synthetic_world
-    from pipeline.testmodels import init_model
+    from pipeline.demo.synth import make_synthetic_world
+    from pipeline.demo.testmodels import init_model
 
     world = make_synthetic_world(root / "world", num_videos=num_videos, seed=0)
     model = init_model(root / "tiny-t5", "tiny-t5", vocab_from=world["annotations"], seed=0)

@@ -57,9 +57,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 import zarr
 
-from pipeline.stage import atomic_write_bytes, fsync_path
+from pipeline.errors import FingerprintMismatch, StoreError
+from pipeline.runtime.files import atomic_write_bytes, fsync_path
 
 FORMAT_VERSION = 1
 CODECS = ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none")
@@ -70,22 +72,6 @@ DEFAULT_LEVEL = 3
 IDS_CHUNK = 65536  # ids per chunk of `video_ids`
 BLOSC_BLOCK = 1 << 18  # bytes per blosc block
 READ_THREADS = 8  # chunks read at once by `read`; decompression releases the GIL
-
-
-class StoreError(RuntimeError):
-    """The store is missing, inconsistent with the request, or a video in it is not done."""
-
-
-class FingerprintMismatch(ValueError):
-    """The store was written with other settings than the config asks for."""
-
-    def __init__(self, path: str | Path, differences: list[str]):
-        self.differences = differences
-        super().__init__(
-            f"feature store {path} was written with other settings:\n  "
-            + "\n  ".join(differences)
-            + "\nre-extract into another cache.path, or create it again with overwrite=True"
-        )
 
 
 def make_codecs(name: str, level: int) -> dict[str, Any]:
@@ -529,8 +515,6 @@ def _check_same_ids(path: str | Path, have: list[str], want: list[str]) -> None:
 
 def _as_float16(tokens: Any) -> np.ndarray:
     if hasattr(tokens, "detach"):  # a torch tensor (bfloat16 has no numpy dtype: cast first)
-        import torch
-
         tokens = tokens.detach().to("cpu", torch.float16).numpy()
     with np.errstate(over="ignore"):  # overflow becomes inf, which write_video rejects
         return np.ascontiguousarray(tokens, dtype=np.float16)

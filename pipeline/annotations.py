@@ -28,15 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from pipeline.errors import AnnotationError
+
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
 
 FORMATS = ("jsonl", "msrvtt", "lavis", "msvd", "vatex")
 SPLIT_ORDER = ("train", "val", "test")
-
-
-class AnnotationError(ValueError):
-    """Malformed annotations; the message names the file, the record and what is wrong."""
 
 
 @dataclass(frozen=True)
@@ -242,7 +240,7 @@ def read_msrvtt(path: Path, video_root: str | Path = "", video_ext: str = ".mp4"
 def lavis_gt_candidates(folder: Path, split: str) -> list[Path]:
     """Where `read_lavis` looks for the COCO-style ground truth of `split`, first match wins.
 
-    1. ``<folder>/cap_<split>_gt.json`` (our convention, what `pipeline.synth` writes);
+    1. ``<folder>/cap_<split>_gt.json`` (our convention, what `pipeline.demo.synth` writes);
     2. ``<folder>/msrvtt_<split>_gt.json``, ``<folder>/msvd_<split>_gt.json``;
     3. ``msrvtt_gt/msrvtt_<split>_gt.json`` and ``msvd_gt/msvd_<split>_gt.json`` in the folder's
        parent and grandparent: LAVIS keeps them in ``<cache>/msrvtt_gt/`` beside

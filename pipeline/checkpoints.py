@@ -20,9 +20,12 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file, save_file
 
-from pipeline.distributed import DistEnv, gather
-from pipeline.stage import StageError, atomic_write_json, fsync_path, fsync_tree
+from pipeline.config import diff_settings
+from pipeline.runtime.distributed import DistEnv, gather
+from pipeline.runtime.files import atomic_write_json, fsync_path, fsync_tree
+from pipeline.runtime.stage import StageError
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -91,7 +94,6 @@ def save_checkpoint(
     meta: dict[str, Any],
 ) -> Path | None:
     """Write `checkpoints/step_XXXXXXXX/` atomically (rank 0); every rank must call it (RNG gather)."""
-    from safetensors.torch import save_file
 
     rngs = gather(env, rng_state())
     if not env.master_process:
@@ -127,7 +129,6 @@ def save_checkpoint(
 
 def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, env: DistEnv) -> LoopState:
     """Restore weights, optimizer, scheduler and this rank's RNG from `path`; return the loop state."""
-    from safetensors.torch import load_file
 
     model.load_trainable_state_dict(load_file(str(path / "trainable.safetensors"), device=str(env.device)))
     saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
@@ -144,7 +145,6 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, env:
 
 def check_checkpoint_settings(path: Path, settings: dict[str, Any]) -> None:
     """Refuse to resume from a checkpoint written under other stage settings."""
-    from pipeline.config import diff_settings
 
     saved = json.loads((path / "meta.json").read_text()).get("settings", {})
     changes = diff_settings(saved, settings)

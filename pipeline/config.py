@@ -14,6 +14,7 @@ stage when it matches and refuses to overwrite it when it does not.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import hashlib
 import json
 import types
@@ -22,12 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-
-class ConfigError(ValueError):
-    """A config file or override is invalid; the message names the key and the source."""
-
+from pipeline.errors import ConfigError
 
 # ---------------------------------------------------------------------------------------
 # Sections. The first line of each field's docstring (the string below it) is its help.
@@ -288,6 +284,12 @@ class CaptionConfig:
     """Address of a running Dask scheduler; overrides `workers`."""
     window: float = 0.0
     """Caption consecutive windows of this many seconds (0: whole video)."""
+    inputs: list[str] = field(default_factory=list)
+    """What the `caption` stage of a pipeline captions: files, folders, globs or manifests."""
+    model: str = ""
+    """Model of the `caption` stage (empty: the run's best SCST model, else its best CE model)."""
+    out: str = ""
+    """JSONL the `caption` stage writes (empty: `<run.output_dir>/caption/captions.jsonl`)."""
 
 
 @dataclass
@@ -380,8 +382,14 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "train": ("extract",),
     "scst": ("train",),
     "eval": ("train", "scst"),
-    "caption": (),
+    "caption": ("train", "scst"),
 }
+
+
+def _yaml() -> Any:
+    import yaml  # deferred: compiling its regexes is a third of `vidcap --help`'s start-up
+
+    return yaml
 
 
 def _sections() -> tuple[dataclasses.Field, ...]:
@@ -404,8 +412,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         except OSError as e:
             raise ConfigError(f"cannot read config {path}: {e.strerror}") from None
         try:
-            raw = yaml.safe_load(text) or {}
-        except yaml.YAMLError as e:
+            raw = _yaml().safe_load(text) or {}
+        except _yaml().YAMLError as e:
             raise ConfigError(f"{path}: invalid YAML: {e}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of sections")
@@ -493,7 +501,7 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
     if len(parts) != 2 or not all(parts):
         raise ConfigError(f"--set {override!r}: the key must be section.key, e.g. train.lr=1e-4")
     section, key = parts
-    parsed = yaml.safe_load(value) if value.strip() else ""
+    parsed = _yaml().safe_load(value) if value.strip() else ""
     current = raw.setdefault(section, {})
     if current is None:
         current = raw[section] = {}
@@ -503,7 +511,6 @@ def _apply_override(raw: dict[str, Any], override: str) -> None:
 
 
 def _closest(key: str, names: dict[str, Any]) -> str | None:
-    import difflib
 
     match = difflib.get_close_matches(key, list(names), n=1, cutoff=0.6)
     return match[0] if match else None
@@ -557,20 +564,21 @@ def diff_settings(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
 
 def config_reference() -> str:
     """Markdown table of every key, its default and its help: the README's reference section."""
-    import ast
-    import inspect
 
     lines = ["| key | default | meaning |", "| --- | --- | --- |"]
     for section in _sections():
         cls = section.default_factory
-        docs = _field_docs(cls, ast, inspect)
+        docs = _field_docs(cls)
         for f in dataclasses.fields(cls):
             default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
             lines.append(f"| `{section.name}.{f.name}` | `{json.dumps(default)}` | {docs.get(f.name, '')} |")
     return "\n".join(lines)
 
 
-def _field_docs(cls: type, ast: Any, inspect: Any) -> dict[str, str]:
+def _field_docs(cls: type) -> dict[str, str]:
+    import ast  # deferred with inspect: only `config-reference` reads the schema's source
+    import inspect
+
     tree = ast.parse(inspect.getsource(cls).lstrip())
     body = tree.body[0].body
     docs = {}

@@ -29,8 +29,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from cache.store import FeatureStore, StoreError
 from pipeline.annotations import VideoRecord
+from pipeline.sampling import normalize_frames
 from pipeline.text import clean_caption
+from pipeline.video import VideoDecodeError, load_clip
 
 log = logging.getLogger("vidcap.data")
 
@@ -97,7 +100,6 @@ class ClipReader:
         self.backend, self.threads = backend, threads
 
     def clip(self, video_id: str, view: int) -> np.ndarray:
-        from pipeline.video import load_clip
 
         return load_clip(
             self.paths[video_id],
@@ -112,15 +114,12 @@ class ClipReader:
 
     def __call__(self, video_ids: Sequence[str], views: Sequence[int]) -> torch.Tensor:
         """Pixels of every clip; a video that cannot be decoded raises `VideoDecodeError`."""
-        from pipeline.sampling import normalize_frames
 
         clips = [self.clip(v, view) for v, view in zip(video_ids, views, strict=True)]
         return normalize_frames(np.stack(clips))  # (B, T, 3, S, S)
 
     def load(self, video_ids: Sequence[str], views: Sequence[int]) -> tuple[torch.Tensor, list[int]]:
         """For training: skip (and log) videos that cannot be decoded rather than stop the run."""
-        from pipeline.sampling import normalize_frames
-        from pipeline.video import VideoDecodeError
 
         clips, kept = [], []
         for i, (v, view) in enumerate(zip(video_ids, views, strict=True)):
@@ -191,7 +190,6 @@ def make_source(
             seed=config.run.seed,
             num_views=1 + config.cache.train_views,
         )
-    from cache.store import FeatureStore, StoreError
 
     store = FeatureStore.open(config.cache_path)  # its fingerprint was checked by `extract`
     _, views, frames, length, width = store.shape

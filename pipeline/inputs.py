@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from pipeline.annotations import AnnotationError
+
 VIDEO_EXTENSIONS = (
     ".mp4",
     ".m4v",
@@ -84,7 +86,6 @@ def _folder(folder: Path) -> Iterator[VideoInput]:
 
 def read_manifest(path: Path) -> Iterator[VideoInput]:
     """Videos of a JSONL (`video` or `video_id`), CSV (`path` or `video` column) or text list."""
-    from pipeline.annotations import AnnotationError
 
     root = path.parent
     suffix = path.suffix.lower()

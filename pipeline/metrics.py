@@ -25,6 +25,14 @@ from collections.abc import Hashable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TypeVar
 
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.meteor.meteor import Meteor
+from pycocoevalcap.rouge.rouge import Rouge
+from pycocoevalcap.tokenizer import ptbtokenizer
+
+from pipeline.cider import CiderD
+from pipeline.errors import JavaNotFoundError
 from pipeline.text import sanitize_caption
 
 log = logging.getLogger(__name__)
@@ -34,19 +42,8 @@ DEFAULT_METRICS = ("Bleu", "METEOR", "ROUGE_L", "CIDEr")
 K = TypeVar("K", bound=Hashable)
 
 
-class JavaNotFoundError(RuntimeError):
-    """The coco-caption tokenizer and METEOR need a Java runtime and none is on PATH."""
-
-    def __init__(self):
-        super().__init__(
-            "java was not found on PATH, and the coco-caption metrics need it (the PTB tokenizer "
-            "and METEOR are Java programs). Install a Java runtime, e.g. "
-            "`apt-get install default-jre-headless` (Debian/Ubuntu) or "
-            "`conda install -c conda-forge openjdk`, and check that `java -version` works."
-        )
-
-
-def _require_java() -> None:
+def require_java() -> None:
+    """Raise `JavaNotFoundError` now, when coco-caption's tokenizer and METEOR could not run later."""
     if shutil.which("java") is None:
         raise JavaNotFoundError()
 
@@ -84,9 +81,8 @@ def ptb_tokenize(captions: Mapping[K, Sequence[str]]) -> dict[K, list[str]]:
     sanitised to one line, java's input passed on stdin (pycocoevalcap writes a temporary
     file into site-packages) and the output checked to hold exactly one line per caption.
     """
-    from pycocoevalcap.tokenizer import ptbtokenizer
 
-    _require_java()
+    require_java()
     keys = [key for key, caps in captions.items() for _ in caps]
     lines = [sanitize_caption(c) for caps in captions.values() for c in caps]
     jar_dir = Path(ptbtokenizer.__file__).parent
@@ -163,26 +159,19 @@ def coco_scores(
 def _run_metric(metric: str, gts: dict[str, list[str]], res: dict[str, list[str]]) -> list[tuple]:
     """[(score name, corpus score, per-video scores)] for one pycocoevalcap metric."""
     if metric == "Bleu":
-        from pycocoevalcap.bleu.bleu import Bleu
-
         totals, each = Bleu(4).compute_score(gts, res, verbose=0)
         return [(f"Bleu_{i + 1}", totals[i], each[i]) for i in range(4)]
     if metric == "METEOR":
         return [("METEOR", *_meteor(gts, res))]
     if metric == "ROUGE_L":
-        from pycocoevalcap.rouge.rouge import Rouge
-
         return [("ROUGE_L", *Rouge().compute_score(gts, res))]
     if metric == "CIDEr":
-        from pycocoevalcap.cider.cider import Cider
-
         return [("CIDEr", *Cider().compute_score(gts, res))]
     spice = _spice(gts, res)
     return [("SPICE", *spice)] if spice else []
 
 
 def _meteor(gts: dict[str, list[str]], res: dict[str, list[str]]) -> tuple[float, list[float]]:
-    from pycocoevalcap.meteor.meteor import Meteor
 
     # "|||" separates fields in METEOR's protocol; pycocoevalcap strips it from candidates only.
     gts = {v: [r.replace("|||", "") for r in refs] for v, refs in gts.items()}
@@ -310,7 +299,6 @@ def score_files(
         )
     if impl == "coco":
         return coco_scores(gts, res, metrics)
-    from pipeline.cider import CiderD
 
     tok = ptb_tokenize({**{("gts", v): gts[v] for v in res}, **{("res", v): [c] for v, c in res.items()}})
     score, _ = CiderD().compute_score({v: tok["gts", v] for v in res}, {v: tok["res", v][0] for v in res})

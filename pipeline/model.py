@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, GenerationConfig
 
@@ -42,6 +43,12 @@ EXPORT_FILE = "video_model.json"
 TRAINED_WEIGHTS = "trained.safetensors"
 LORA_DIR = "lora"
 EXPORT_FORMAT = 1
+
+
+def is_export(folder: Path) -> bool:
+    """Whether `folder` holds a model vidcap wrote (`save_trained`: a checkpoint's best/ or an export)."""
+    return (Path(folder) / EXPORT_FILE).is_file()
+
 
 # ModelConfig's LoRA targets are written T5-style (`q`, `v`) by default; OPT names the same
 # projections `q_proj`, `v_proj`, `k_proj`, `out_proj`. Names are mapped to the flavour at hand;
@@ -433,7 +440,6 @@ class VideoCaptioner(nn.Module):
 
     def save_trained(self, out_dir: str | Path, merge_lora: bool = False) -> Path:
         """Write the export folder (see the module docstring); returns it."""
-        from safetensors.torch import save_file
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -487,7 +493,6 @@ class VideoCaptioner(nn.Module):
         cls, folder: str | Path, device: str | torch.device | None = None, load_vision: bool = True
     ) -> VideoCaptioner:
         """Open an export folder written by `save_trained`."""
-        from safetensors.torch import load_file
 
         folder = Path(folder)
         meta = json.loads((folder / EXPORT_FILE).read_text())

@@ -16,6 +16,12 @@ import numpy as np
 import torch
 
 SAMPLING_MODES = ("uniform", "headtail")
+EVAL_SAMPLING = "uniform"  # view 0: what eval and caption look at
+# How every view's frames are chosen and augmented; part of the cache's fingerprint, so
+# changing the scheme in this file must change this string.
+VIEW_SCHEME = (
+    "v1: view0=uniform segment starts, full frame; views>=1=headtail + random resized crop (0.5-1) + hflip"
+)
 
 # CLIP's normalisation, which BLIP-2's EVA ViT was trained with.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

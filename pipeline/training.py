@@ -6,7 +6,7 @@ A stage hands `fit` a model, an *objective* and data; the objective is a small f
 
 so CE and SCST differ only in that function. Everything else is shared, once:
 
-* DDP (`pipeline.distributed`): NCCL on CUDA, gloo on CPU; rank 0 alone writes files. The
+* DDP (`pipeline.runtime.distributed`): NCCL on CUDA, gloo on CPU; rank 0 alone writes files. The
   configured batch is the global batch: per rank it is `batch / world_size / grad_accum`
   per micro-step.
 * AdamW and the warmup-then-cosine schedule (`pipeline.optim`); gradient clipping and
@@ -19,7 +19,7 @@ so CE and SCST differ only in that function. Everything else is shared, once:
   Greedy and not the beam search of `eval`: several times cheaper, and it ranks checkpoints the
   same way in practice; `eval` reports the beam-search numbers. The best model is kept in
   `<stage>/best/` in `VideoCaptioner.save_trained` format, with `best/val_score.json`.
-* Logs (`pipeline.runlog`): `metrics.jsonl`, TensorBoard events when tensorboard is
+* Logs (`pipeline.runtime.runlog`): `metrics.jsonl`, TensorBoard events when tensorboard is
   installed, and `curves.png`.
 """
 
@@ -36,7 +36,9 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
+from pipeline.annotations import load_manifest
 from pipeline.checkpoints import (
     LoopState,
     check_checkpoint_plan,
@@ -48,11 +50,22 @@ from pipeline.checkpoints import (
     save_checkpoint,
     seed_everything,
 )
-from pipeline.data import Sharding, TrainPlan, check_batch_split, iterate_videos, make_loader, to_device
-from pipeline.distributed import DistEnv, barrier, broadcast, gather
+from pipeline.cider import CiderD, simple_tokenize
+from pipeline.config import Config, stage_settings
+from pipeline.data import (
+    Sharding,
+    TrainPlan,
+    check_batch_split,
+    iterate_videos,
+    make_loader,
+    make_source,
+    to_device,
+)
 from pipeline.optim import LoopSettings, build_optimizer
-from pipeline.runlog import MetricsLog
-from pipeline.stage import StageError, atomic_write_json, progress
+from pipeline.runtime.distributed import DistEnv, barrier, broadcast, gather
+from pipeline.runtime.files import atomic_write_json
+from pipeline.runtime.runlog import MetricsLog
+from pipeline.runtime.stage import Stage, StageError, progress
 
 Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -95,7 +108,6 @@ def generate_captions(
 
 def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[float, dict[str, str]]:
     """Greedy captions of the validation videos (sharded over ranks) and their CIDEr-D (rank 0's)."""
-    from pipeline.cider import CiderD, simple_tokenize
 
     was_training = model.training
     model.eval()
@@ -168,8 +180,6 @@ def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
     trainable = [p for p in model.parameters() if p.requires_grad]
     wrapped: torch.nn.Module = _ObjectiveModule(model, objective)
     if env.ddp:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         # Every trainable parameter gets a gradient in every step (the tests check frozen, LoRA and
         # full), so DDP need not search the graph for unused ones (find_unused_parameters=False).
         device_ids = [env.local_rank] if env.device.startswith("cuda") else None
@@ -362,7 +372,6 @@ class _FollowerStage:
     """What ranks other than 0 know of the stage (rank 0 alone owns its folder and DONE.json)."""
 
     def __init__(self, config: Any, name: str, env: DistEnv, done: bool, summary: dict[str, Any]):
-        from pipeline.config import stage_settings
 
         self.name, self.dir, self.done, self.summary = name, config.stage_dir(name), done, summary
         self.settings = stage_settings(config, name)
@@ -382,7 +391,6 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
 
     `--force` starts a training stage over (its checkpoints were made under other settings).
     """
-    from pipeline.stage import Stage
 
     stage, error = None, None
     if env.master_process:
@@ -404,3 +412,70 @@ def finish_stage(stage: Any, env: DistEnv, summary: dict[str, Any]) -> dict[str,
     if env.master_process:
         summary = stage.finish(summary)
     return broadcast(env, summary)
+
+
+def build_job(
+    config: Config,
+    model: Any,
+    stage: Any,
+    env: Any,
+    settings: LoopSettings,
+    captions: str = "sample",
+    start_is_candidate: bool = False,
+) -> Job:
+    """The data (from `train.source`), validation set and loop settings shared by `train` and `scst`."""
+
+    source_kind = config.train.source
+    manifest = load_manifest(config.data)
+    train_records = manifest.split(config.data.train_split)
+    val_records = manifest.split(config.data.val_split)
+    source = make_source(config, model, train_records + val_records, source_kind)
+    available = set(source.available([r.video_id for r in train_records + val_records]))
+    skipped = [r.video_id for r in train_records + val_records if r.video_id not in available]
+    if skipped:
+        stage.log.warning(
+            "%d videos are not in the %s (failed or not extracted), e.g. %s; training without them",
+            len(skipped),
+            source_kind,
+            ", ".join(skipped[:5]),
+        )
+    train_records = [r for r in train_records if r.video_id in available]
+    val_ids = [r.video_id for r in val_records if r.video_id in available and r.captions]
+    if config.train.val_max_videos:
+        val_ids = val_ids[: config.train.val_max_videos]
+    if not train_records:
+        raise StageError(
+            f"no training video of split {config.data.train_split!r} is available from the {source_kind}"
+        )
+    plan = TrainPlan(
+        train_records, config.run.seed, captions, num_views=source.num_views, global_batch=settings.batch_size
+    )
+    validation = Validation(
+        val_ids,
+        {r.video_id: list(r.captions) for r in val_records},
+        batch_size=config.eval.batch_size,
+        max_new_tokens=config.eval.max_new_tokens,
+        min_new_tokens=config.eval.min_new_tokens,
+    )
+    return Job(
+        plan,
+        source,
+        settings,
+        validation,
+        stage.dir,
+        env,
+        stage.log,
+        fingerprint_settings=stage.settings,
+        start_is_candidate=start_is_candidate,
+    )
+
+
+def best_model_dir(run_dir: str | Path) -> Path:
+    """`<run>/scst/best` when SCST ran, else `<run>/train/best`."""
+    run_dir = Path(run_dir)
+    for stage in ("scst", "train"):
+        if (run_dir / stage / BEST / BEST_SCORE_FILE).is_file():
+            return run_dir / stage / BEST
+    raise StageError(
+        f"{run_dir} holds no trained model (no scst/best/ nor train/best/): run the train stage first"
+    )

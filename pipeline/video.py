@@ -26,24 +26,15 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
+import av
 import numpy as np
+from PIL import Image
 
+from pipeline.errors import VideoDecodeError
 from pipeline.sampling import random_resized_crop_params, sample_frame_indices, view_rng
 
 BACKENDS = ("decord", "pyav")
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4", ".mkv": "libx264"}
-
-
-class VideoDecodeError(RuntimeError):
-    """A video could not be read: missing, empty, corrupt, not a video, no frames, decoder failure."""
-
-    def __init__(self, path: str | Path, reason: str) -> None:
-        self.path = str(path)
-        self.reason = reason
-        super().__init__(f"{self.path}: {reason}")
-
-    def __reduce__(self):  # keep (path, reason) when pickled across Dask workers
-        return (type(self), (self.path, self.reason))
 
 
 @dataclass(frozen=True)
@@ -156,7 +147,6 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str
     Odd sizes are allowed for codecs that take them (yuv444p is used for H.264 then).
     N = 0 writes a container with no frames (a broken video, for tests).
     """
-    import av
 
     path = Path(path)
     frames = np.ascontiguousarray(frames, dtype=np.uint8)
@@ -321,7 +311,6 @@ def _probe_header(path: Path) -> _Header:
 
 
 def _av_open(path: Path):
-    import av
 
     return av.open(str(path), mode="r")
 
@@ -398,7 +387,6 @@ def _augment(frames: np.ndarray, row: np.ndarray, size: int, rng: np.random.Gene
 
 def _resize(frames: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np.ndarray:
     """Crop each frame to `box` (left, top, right, bottom) and resize it to size x size, bicubic."""
-    from PIL import Image
 
     return np.stack(
         [np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC, box=box)) for f in frames]

@@ -14,7 +14,10 @@ import json
 from collections.abc import Callable
 from pathlib import Path
 
+import huggingface_hub
 import torch
+from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
+from safetensors import safe_open
 from torch import Tensor, nn
 from transformers import Blip2Config, Blip2VisionModel
 
@@ -62,7 +65,6 @@ def load_vision_model(pretrained: str | Path) -> tuple[Blip2VisionModel, Blip2Co
     with torch.device("meta"):  # no random init of a 1B-parameter ViT: every tensor comes from the file
         vit = Blip2VisionModel(config.vision_config)
     state = {}
-    from safetensors import safe_open
 
     for path in _vision_files(pretrained):
         with safe_open(str(path), framework="pt") as f:
@@ -93,11 +95,9 @@ def _vision_files(pretrained: str | Path) -> list[Path]:
 
 
 def _hub_vision_files(repo_id: str) -> list[Path]:
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 
     def fetch(name: str) -> Path:
-        return Path(hf_hub_download(repo_id, name))
+        return Path(huggingface_hub.hf_hub_download(repo_id, name))
 
     try:
         index = fetch(INDEX_FILE)

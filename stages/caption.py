@@ -17,7 +17,7 @@ With `caption.window > 0`, a video becomes one line per window of that many seco
 Re-running into an OUT written with another model, frame count or window is refused.
 
 How OUT stays correct when several workers write and anything can be killed
-(`pipeline/records.py`):
+(`pipeline/runtime/records.py`):
 
 * each task appends to its own part file `OUT.parts/<run>-<task>-<random>.jsonl`, one batch
   at a time, flushed and fsynced, so a kill loses at most the batches in flight;
@@ -46,8 +46,13 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from pipeline.config import Config
-from pipeline.dask_utils import (
+from pipeline.errors import ConfigError
+from pipeline.inputs import VideoInput, expand_inputs
+from pipeline.model import VideoCaptioner, is_export
+from pipeline.runtime.cluster import (
     chunk_size_for,
     configure_torch_threads,
     dask_client,
@@ -59,20 +64,28 @@ from pipeline.dask_utils import (
     split_chunks,
     worker_cached,
 )
-from pipeline.inputs import VideoInput, expand_inputs
-from pipeline.records import exclusive_writer, merge_parts, read_records, recorded_videos
-from pipeline.stage import StageError, resolve_device, stage_logger
+from pipeline.runtime.records import exclusive_writer, merge_parts, read_records, recorded_videos
+from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
+from pipeline.sampling import EVAL_SAMPLING, normalize_frames
+from pipeline.training import best_model_dir
+from pipeline.video import VideoDecodeError, load_clip, probe_video
 
-SAMPLING = "uniform"  # view 0 of pipeline.video.load_clip: the evaluation sampling
+CAPTIONS_FILE = "captions.jsonl"
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
 
 
 def run(config: Config, force: bool = False) -> dict[str, Any]:
-    """`caption` needs inputs, a model and an output file, which a config does not hold."""
-    raise StageError(
-        "the caption stage runs from `vidcap caption INPUTS... --model M --out OUT`, "
-        "not from run.stages; see `vidcap caption --help`"
-    )
+    """The pipeline's `caption` stage: caption `caption.inputs` with the run's model into `caption.out`."""
+    if not config.caption.inputs:
+        raise ConfigError(
+            f"{config.source}: caption.inputs is empty; name the videos the caption stage captions"
+        )
+    stage = Stage(config, "caption", force=force)
+    if stage.done:
+        return stage.summary
+    model = config.caption.model or str(best_model_dir(config.output_dir))
+    out = config.caption.out or str(stage.dir / CAPTIONS_FILE)
+    return stage.finish(caption_videos(list(config.caption.inputs), model, out, config))
 
 
 def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Config) -> dict[str, Any]:
@@ -124,9 +137,9 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
 
 def _settings(model_path: str, config: Config) -> dict[str, Any]:
     """What makes a caption what it is, written into every record and checked on resume."""
-    exported = (Path(model_path) / "video_model.json").is_file()  # then the export fixes the frames
+    exported = is_export(Path(model_path))  # then the export fixes the frames
     model = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path  # a hub id as given
-    settings: dict[str, Any] = {"model": model, "sampling": SAMPLING}
+    settings: dict[str, Any] = {"model": model, "sampling": EVAL_SAMPLING}
     if not exported:
         settings["num_frames"] = config.model.num_frames
     if config.caption.window > 0:
@@ -190,9 +203,8 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
     device = resolve_device(config.run.device)
 
     def load() -> tuple[Any, dict[str, Any]]:
-        from pipeline.model import VideoCaptioner
 
-        if (Path(model_path) / "video_model.json").is_file():
+        if is_export(Path(model_path)):
             model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
         else:  # a base BLIP-2: zero-shot with config.model's settings
             model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
@@ -242,7 +254,6 @@ def caption_task(
 def _caption_batch(
     model: Any, pixels: Any, device: str, config: Config, timers: dict[str, float]
 ) -> list[str]:
-    import torch
 
     cap = config.caption
     texts: list[str] = []
@@ -283,7 +294,6 @@ class _ClipBatch:
         self.errors: list[_Clip] = []
 
     def pixels(self) -> Any:
-        import torch
 
         return torch.stack([c.pixels for c in self.clips])  # (B, T, 3, S, S)
 
@@ -329,8 +339,6 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
 
 def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
     """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
-    from pipeline.sampling import normalize_frames
-    from pipeline.video import VideoDecodeError, load_clip, probe_video
 
     started = time.perf_counter()
     backend, threads = config.decode.backend, config.decode.threads

@@ -43,17 +43,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from cache.store import FeatureStore, StoreError, diff_fingerprints
 from pipeline.annotations import VideoRecord, load_manifest
 from pipeline.config import Config
+from pipeline.data import CacheSource, VideoSource
+from pipeline.metrics import coco_scores, require_java
+from pipeline.model import VideoCaptioner, is_export
 from pipeline.published import format_table
-from pipeline.stage import (
-    Stage,
-    StageError,
-    atomic_write_bytes,
-    atomic_write_json,
-    progress,
-    resolve_device,
-)
+from pipeline.runtime.files import atomic_write_bytes, atomic_write_json
+from pipeline.runtime.stage import Stage, StageError, progress, resolve_device
+from pipeline.sampling import VIEW_SCHEME
+from pipeline.video import VideoDecodeError
 
 MODEL_KEYWORDS = {"ce": "train", "scst": "scst"}  # keyword -> stage whose `best/` it is
 ZERO_SHOT = "zero_shot"
@@ -82,7 +84,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         # Same settings, other weights (a checkpoint appeared or was retrained): the scores are stale.
         stage.log.info("eval: the models to evaluate changed since the last eval; evaluating again")
         stage = Stage(config, "eval", force=True)
-    _require_java()  # fail before hours of beam search, not after
+    require_java()  # fail before hours of beam search, not after
     records = load_manifest(config.data).split(split)
     source = choose_source(config, [r.video_id for r in records], stage.log)
     device = resolve_device(config.run.device)
@@ -121,7 +123,7 @@ def resolve_models(config: Config, log: Any) -> list[ModelSpec]:
             specs.append(ModelSpec(ZERO_SHOT, None))
         elif entry in MODEL_KEYWORDS:
             path = config.stage_dir(MODEL_KEYWORDS[entry]) / BEST_DIR
-            if not _is_export(path):
+            if not is_export(path):
                 log.info(
                     "eval %s: no checkpoint at %s (stage %s not run?), skipping",
                     entry,
@@ -132,7 +134,7 @@ def resolve_models(config: Config, log: Any) -> list[ModelSpec]:
             specs.append(ModelSpec(entry, path))
         else:
             path = Path(entry)
-            if not _is_export(path):
+            if not is_export(path):
                 raise StageError(
                     f"eval.models: {entry!r} is not zero_shot, ce, scst or a model folder "
                     "written by vidcap (no video_model.json there)"
@@ -169,8 +171,6 @@ def choose_source(config: Config, video_ids: Sequence[str], log: Any) -> str:
 
 def _cache_problem(config: Config, video_ids: Sequence[str]) -> str | None:
     """Why the cache cannot serve these videos (missing, other sampling, videos not extracted), or None."""
-    from cache.store import FeatureStore, StoreError, diff_fingerprints
-    from stages.extract import SAMPLING
 
     path = config.cache_path
     if not path.exists():
@@ -182,7 +182,7 @@ def _cache_problem(config: Config, video_ids: Sequence[str]) -> str | None:
         wanted = {
             "num_frames": config.model.num_frames,
             "image_size": config.model.image_size,
-            "sampling": SAMPLING,
+            "sampling": VIEW_SCHEME,
         }
         differences = diff_fingerprints({k: store.fingerprint.get(k) for k in wanted}, wanted)
     except (StoreError, OSError) as e:
@@ -244,17 +244,6 @@ def _folder_hash(folder: Path) -> str:
     return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
-def _is_export(path: Path) -> bool:
-    from pipeline.model import EXPORT_FILE
-
-    return (path / EXPORT_FILE).is_file()
-
-
-# ---------------------------------------------------------------------------------------
-# One model: captions, then scores
-# ---------------------------------------------------------------------------------------
-
-
 def evaluate_model(
     config: Config,
     spec: ModelSpec,
@@ -267,7 +256,6 @@ def evaluate_model(
     resume: bool = True,
 ) -> dict[str, Any]:
     """Caption `records` with one model, score the captions, write predictions.json and metrics.json."""
-    from pipeline.metrics import coco_scores
 
     log = stage.log
     partial = out_dir / PARTIAL_FILE
@@ -326,7 +314,6 @@ def caption_videos(config: Config, spec: ModelSpec, todo: Sequence[VideoRecord],
             failed.update(batch_failed)
     del model, frames
     gc.collect()  # free this model before the next one is loaded
-    import torch
 
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -334,7 +321,6 @@ def caption_videos(config: Config, spec: ModelSpec, todo: Sequence[VideoRecord],
 
 def load_model(config: Config, spec: ModelSpec, source: str, device: str) -> Any:
     """The model to caption with; without its ViT when tokens come from the cache."""
-    from pipeline.model import VideoCaptioner
 
     vision = source == "video"
     if spec.path is None:
@@ -345,11 +331,8 @@ def load_model(config: Config, spec: ModelSpec, source: str, device: str) -> Any
 
 
 def _frame_source(config: Config, model: Any, records: Sequence[VideoRecord], source: str) -> Any:
-    from pipeline.data import CacheSource, VideoSource
 
     if source == "cache":
-        from cache.store import FeatureStore
-
         return CacheSource(FeatureStore.open(config.cache_path))
     # The model's own settings (frames, image size), which a trained model carries with it.
     return VideoSource(records, model, config.decode, model.cfg, seed=config.run.seed)
@@ -388,7 +371,6 @@ def _cache_failures(frames: Any) -> dict[str, str]:
 
 def _load(frames: Any, batch: list[VideoRecord], failures: dict[str, str]) -> tuple[Any, dict[str, str]]:
     """The reader's output for the batch's good videos, and the reasons of those that failed."""
-    from pipeline.video import VideoDecodeError
 
     ids = [r.video_id for r in batch]
     failed = {v: f"extract failed: {failures[v]}" for v in ids if v in failures}
@@ -399,7 +381,6 @@ def _load(frames: Any, batch: list[VideoRecord], failures: dict[str, str]) -> tu
         return frames.reader(ids, [0] * len(ids)), failed
     except VideoDecodeError:
         pass  # find which ones, one by one, and keep their reasons
-    import torch
 
     good = []
     for video_id in ids:
@@ -463,16 +444,6 @@ def _read_json(path: Path) -> dict[str, Any] | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-def _require_java() -> None:
-    """Raise `JavaNotFoundError` now, when coco-caption's tokenizer and METEOR could not run later."""
-    import shutil
-
-    from pipeline.metrics import JavaNotFoundError
-
-    if shutil.which("java") is None:
-        raise JavaNotFoundError()
 
 
 def _print_table(stage: Stage, config: Config, metrics: dict[str, dict[str, Any]], split: str) -> None:

@@ -33,8 +33,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any
 
+import torch
+
+from cache.store import FeatureStore
+from pipeline.annotations import load_manifest
 from pipeline.config import Config
-from pipeline.dask_utils import (
+from pipeline.runtime.cluster import (
     chunk_size_for,
     configure_torch_threads,
     dask_client,
@@ -47,13 +51,11 @@ from pipeline.dask_utils import (
     split_chunks,
     worker_cached,
 )
-from pipeline.stage import Stage, StageError, resolve_device
+from pipeline.runtime.stage import Stage, StageError, resolve_device
+from pipeline.sampling import VIEW_SCHEME, normalize_frames
+from pipeline.video import VideoDecodeError, load_clip
+from pipeline.vision import FrameEncoder
 
-# How the views' frames are chosen and augmented (pipeline/sampling.py); part of the fingerprint,
-# so changing the scheme there must change this string.
-SAMPLING = (
-    "v1: view0=uniform segment starts, full frame; views>=1=headtail + random resized crop (0.5-1) + hflip"
-)
 STORE_DTYPE = "float16"
 MAX_FAILURES_IN_SUMMARY = 50
 Video = tuple[str, str]  # (video_id, path)
@@ -98,7 +100,6 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
 
 def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwrite: bool = False) -> Any:
     """The cache for these videos and this ViT: resumed if its fingerprint matches, else refused."""
-    from cache.store import FeatureStore
 
     return FeatureStore.open_or_create(
         config.cache_path, video_ids, num_views=1 + config.cache.train_views, num_frames=config.model.num_frames,
@@ -109,7 +110,6 @@ def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwr
 
 def manifest_videos(config: Config) -> list[Video]:
     """(video_id, path) of the manifest's videos in order, restricted to `extract.splits` if set."""
-    from pipeline.annotations import load_manifest
 
     manifest = load_manifest(config.data)
     if not config.extract.splits:
@@ -128,7 +128,7 @@ def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
         "width": vit["width"],
         "num_frames": config.model.num_frames,
         "image_size": config.model.image_size,
-        "sampling": SAMPLING,
+        "sampling": VIEW_SCHEME,
         "views": 1 + config.cache.train_views,
         "seed": config.run.seed,
         "compute_dtype": vit["dtype"],
@@ -144,13 +144,11 @@ def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
 
 def load_vit(config: Config) -> tuple[Any, str, str]:
     """(model, device, compute dtype) of this process, loaded on first use and then reused."""
-    import torch
 
     configure_torch_threads()
     device = resolve_device(config.run.device)
 
     def load() -> Any:
-        from pipeline.vision import FrameEncoder
 
         return FrameEncoder.from_pretrained(config.model.pretrained, config.model, device)  # the ViT alone
 
@@ -182,7 +180,6 @@ def describe_vit(config: Config) -> dict[str, Any]:
 
 def hash_weights(module: Any) -> str:
     """SHA-256 of a module's tensors (names, dtypes, shapes and bytes), independent of the model id."""
-    import torch
 
     digest = hashlib.sha256()
     for name, tensor in sorted(module.state_dict().items()):
@@ -214,9 +211,6 @@ def extract_videos(
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:  # fmt: skip
     """Extract `videos` into the store; returns {"done": [ids], "failed": {id: reason}, "seconds": {...}}."""
-    import torch
-
-    from cache.store import FeatureStore
 
     model, device, dtype = load_vit(config)
     if dtype != expected_dtype:
@@ -294,10 +288,6 @@ def _decoded(videos: list[Video], config: Config, pool: ThreadPoolExecutor,
 
 def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float]:
     """All views of one video as normalised pixels, or the reason it cannot be decoded."""
-    import torch
-
-    from pipeline.sampling import normalize_frames
-    from pipeline.video import VideoDecodeError, load_clip
 
     video_id, path = video
     started = time.perf_counter()
@@ -321,7 +311,6 @@ def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float]:
 
 
 def _reason(error: BaseException) -> str:
-    from pipeline.video import VideoDecodeError
 
     if isinstance(error, VideoDecodeError):
         return str(error)

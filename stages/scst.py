@@ -34,12 +34,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline.annotations import load_manifest
 from pipeline.cider import CiderD, DocumentFrequency, cider_d_reward, simple_tokenize
 from pipeline.config import Config
-from pipeline.distributed import barrier, setup_distributed
+from pipeline.model import VideoCaptioner, is_export
 from pipeline.optim import LoopSettings
-from pipeline.stage import StageError, atomic_write_bytes
-from pipeline.training import BEST, finish_stage, fit, open_stage
+from pipeline.runtime.distributed import barrier, setup_distributed
+from pipeline.runtime.files import atomic_write_bytes
+from pipeline.runtime.stage import StageError
+from pipeline.training import BEST, build_job, finish_stage, fit, open_stage
 
 DF_FILE = "cider_df.npz"
 
@@ -133,16 +136,13 @@ def _df_matches(cache: Path, stamp: Path, digest: str) -> bool:
 
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Self-critical training from `<run>/train/best`; returns the summary (best val CIDEr-D, whether SCST beat CE)."""
-    from pipeline.annotations import load_manifest
-    from pipeline.model import VideoCaptioner
-    from stages.train import build_job
 
     env = setup_distributed(config.run.device)
     stage = open_stage(config, "scst", force, env)
     if stage.done:
         return stage.summary
     start = config.stage_dir("train") / BEST
-    if not (start / "video_model.json").is_file():
+    if not is_export(start):
         raise StageError(
             f"scst starts from the best CE model, but {start} does not exist: run the train stage first"
         )

@@ -28,11 +28,12 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
-from pipeline.data import TrainPlan, make_source
-from pipeline.distributed import setup_distributed
+from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
-from pipeline.stage import StageError, atomic_write_json
-from pipeline.training import BEST, BEST_SCORE_FILE, Job, Validation, finish_stage, fit, open_stage
+from pipeline.runtime.distributed import setup_distributed
+from pipeline.runtime.files import atomic_write_json
+from pipeline.runtime.stage import StageError
+from pipeline.training import BEST_SCORE_FILE, best_model_dir, build_job, finish_stage, fit, open_stage
 
 
 def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
@@ -42,7 +43,6 @@ def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
 
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Train with cross-entropy; returns the summary (best val CIDEr-D, epochs, steps, seconds, best path)."""
-    from pipeline.model import VideoCaptioner
 
     env = setup_distributed(config.run.device)
     stage = open_stage(config, "train", force, env)
@@ -73,77 +73,9 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     return finish_stage(stage, env, summary)
 
 
-def build_job(
-    config: Config,
-    model: Any,
-    stage: Any,
-    env: Any,
-    settings: LoopSettings,
-    captions: str = "sample",
-    start_is_candidate: bool = False,
-) -> Job:
-    """The data (from `train.source`), validation set and loop settings shared by `train` and `scst`."""
-    from pipeline.annotations import load_manifest
-
-    source_kind = config.train.source
-    manifest = load_manifest(config.data)
-    train_records = manifest.split(config.data.train_split)
-    val_records = manifest.split(config.data.val_split)
-    source = make_source(config, model, train_records + val_records, source_kind)
-    available = set(source.available([r.video_id for r in train_records + val_records]))
-    skipped = [r.video_id for r in train_records + val_records if r.video_id not in available]
-    if skipped:
-        stage.log.warning(
-            "%d videos are not in the %s (failed or not extracted), e.g. %s; training without them",
-            len(skipped),
-            source_kind,
-            ", ".join(skipped[:5]),
-        )
-    train_records = [r for r in train_records if r.video_id in available]
-    val_ids = [r.video_id for r in val_records if r.video_id in available and r.captions]
-    if config.train.val_max_videos:
-        val_ids = val_ids[: config.train.val_max_videos]
-    if not train_records:
-        raise StageError(
-            f"no training video of split {config.data.train_split!r} is available from the {source_kind}"
-        )
-    plan = TrainPlan(
-        train_records, config.run.seed, captions, num_views=source.num_views, global_batch=settings.batch_size
-    )
-    validation = Validation(
-        val_ids,
-        {r.video_id: list(r.captions) for r in val_records},
-        batch_size=config.eval.batch_size,
-        max_new_tokens=config.eval.max_new_tokens,
-        min_new_tokens=config.eval.min_new_tokens,
-    )
-    return Job(
-        plan,
-        source,
-        settings,
-        validation,
-        stage.dir,
-        env,
-        stage.log,
-        fingerprint_settings=stage.settings,
-        start_is_candidate=start_is_candidate,
-    )
-
-
 # ---------------------------------------------------------------------------------------
 # Export (`vidcap export`)
 # ---------------------------------------------------------------------------------------
-
-
-def best_model_dir(run_dir: str | Path) -> Path:
-    """`<run>/scst/best` when SCST ran, else `<run>/train/best`."""
-    run_dir = Path(run_dir)
-    for stage in ("scst", "train"):
-        if (run_dir / stage / BEST / BEST_SCORE_FILE).is_file():
-            return run_dir / stage / BEST
-    raise StageError(
-        f"{run_dir} holds no trained model (no scst/best/ nor train/best/): run the train stage first"
-    )
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, merge_lora: bool = False) -> Path:
@@ -154,7 +86,6 @@ def export_run(run_dir: str | Path, out_dir: str | Path, merge_lora: bool = Fals
     LoRA adapter, or with `merge_lora` a full BLIP-2 folder with LoRA merged into the LLM.
     `export.json` records where it came from and its validation CIDEr-D.
     """
-    from pipeline.model import VideoCaptioner
 
     best, out = best_model_dir(run_dir), Path(out_dir)
     if out.exists() and any(out.iterdir()):

@@ -9,17 +9,17 @@ import pytest
 import yaml
 from click.testing import CliRunner
 
-from pipeline.ablations import (
+from pipeline.app.ablate import (
     RESULTS_FILE,
     _forced_stages,
     ablate,
     format_ablation_table,
     is_ablation_file,
     load_ablation,
-    order_word_accuracy,
     run_ablations,
 )
 from pipeline.config import ConfigError, load_config
+from pipeline.demo.facts import order_word_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO_ABLATION = ROOT / "configs" / "ablations_demo.yaml"
@@ -217,8 +217,8 @@ def tiny_ablation(tmp_path_factory):
     """A 20-video world (12 train, 4 val, 4 test), an untrained tiny T5 BLIP-2 and an ablation of two 1-epoch variants."""
     import torch
 
-    from pipeline.synth import make_synthetic_world
-    from pipeline.testmodels import init_model
+    from pipeline.demo.synth import make_synthetic_world
+    from pipeline.demo.testmodels import init_model
 
     torch.set_num_threads(1)  # 2 shared cores: tiny models gain nothing from more threads
     root = tmp_path_factory.mktemp("ablation")

@@ -21,7 +21,7 @@ import pytest
 
 from pipeline.config import config_from_dict
 from pipeline.inputs import expand_inputs
-from pipeline.records import merge_parts, read_records
+from pipeline.runtime.records import merge_parts, read_records
 from stages.caption import caption_videos
 
 NUM_GOOD = 6
@@ -34,8 +34,8 @@ BROKEN = {
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pipeline.synth import make_synthetic_world
-    from pipeline.testmodels import init_model
+    from pipeline.demo.synth import make_synthetic_world
+    from pipeline.demo.testmodels import init_model
 
     root = tmp_path_factory.mktemp("caption")
     made = make_synthetic_world(root / "world", num_videos=NUM_GOOD, seed=1)
@@ -139,7 +139,7 @@ def test_inputs_files_folders_globs_and_manifests(world, tmp_path):
 def test_the_cli_records_missing_inputs_as_errors(world, tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     out = tmp_path / "out.jsonl"
     args = ["caption", str(tmp_path / "gone.mp4"), "--model", world["model"], "--out", str(out)]
@@ -155,9 +155,9 @@ def test_the_cli_records_missing_inputs_as_errors(world, tmp_path):
     "processes", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["threads", "processes"]
 )
 def test_two_dask_workers_give_the_same_records(reference, world, tmp_path, processes, monkeypatch):
-    import pipeline.dask_utils
+    import pipeline.runtime.cluster
 
-    monkeypatch.setattr(pipeline.dask_utils, "LOCAL_WORKER_PROCESSES", processes)
+    monkeypatch.setattr(pipeline.runtime.cluster, "LOCAL_WORKER_PROCESSES", processes)
     ref, _ = reference
     out = tmp_path / "dask.jsonl"
     summary = caption_videos([str(world["videos"])], world["model"], str(out), _config(workers=2))
@@ -259,6 +259,7 @@ def test_merge_completes_a_windowed_video_without_duplicating_its_windows(tmp_pa
 
 def test_a_video_that_raises_anything_gets_an_error_record(world, tmp_path, monkeypatch):
     import pipeline.video
+    import stages.caption
 
     good = sorted(world["videos"].glob("synth*.mp4"))[:2]
     real = pipeline.video.load_clip
@@ -268,7 +269,7 @@ def test_a_video_that_raises_anything_gets_an_error_record(world, tmp_path, monk
             raise ValueError("something nobody foresaw")
         return real(path, *args, **kwargs)
 
-    monkeypatch.setattr(pipeline.video, "load_clip", flaky)
+    monkeypatch.setattr(stages.caption, "load_clip", flaky)
     out = tmp_path / "o.jsonl"
     summary = caption_videos([str(p) for p in good], world["model"], str(out), _config())
     assert summary["errors"] == 1 and summary["captioned"] == 1
@@ -277,7 +278,7 @@ def test_a_video_that_raises_anything_gets_an_error_record(world, tmp_path, monk
 
 
 def test_resuming_with_other_settings_is_refused(world, tmp_path):
-    from pipeline.stage import StageError
+    from pipeline.runtime.stage import StageError
 
     video = str(sorted(world["videos"].glob("synth*.mp4"))[0])
     out = tmp_path / "o.jsonl"

@@ -84,7 +84,7 @@ def test_fingerprints_depend_on_exactly_their_settings():
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_preset_loads(path):
-    from pipeline.ablations import is_ablation_file, load_ablation
+    from pipeline.app.ablate import is_ablation_file, load_ablation
 
     if is_ablation_file(path):  # a base config + variants: each variant must be a valid config
         ablation = load_ablation(path)

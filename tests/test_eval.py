@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from pipeline.config import config_from_dict
 from pipeline.published import PUBLISHED, format_table
-from pipeline.stage import StageError
+from pipeline.runtime.stage import StageError
 
 COCO_KEYS = {"Bleu_1", "Bleu_2", "Bleu_3", "Bleu_4", "METEOR", "ROUGE_L", "CIDEr"}
 FAST_METRICS = ["Bleu", "ROUGE_L", "CIDEr"]
@@ -19,8 +19,8 @@ CORRUPT = 1  # index in the test split of the video overwritten with garbage
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     """8 videos (2 train, 1 val, 5 test), one test video corrupt, and a tiny T5 BLIP-2."""
-    from pipeline.synth import make_synthetic_world
-    from pipeline.testmodels import init_model
+    from pipeline.demo.synth import make_synthetic_world
+    from pipeline.demo.testmodels import init_model
 
     out = tmp_path_factory.mktemp("eval_world")
     summary = make_synthetic_world(out, num_videos=8, seed=1, frames=8, size=32, splits=(0.25, 0.125, 0.625))
@@ -145,7 +145,7 @@ def test_a_killed_run_resumes_where_it_stopped(world, video_run, monkeypatch):
         eval_stage, "_caption", lambda m, t, c: captioned.append(len(t)) or real_caption(m, t, c)
     )
     # METEOR's JVM is slow to start on a busy machine, and the ce scores below need only CIDEr.
-    monkeypatch.setattr(pipeline.metrics, "coco_scores", lambda g, r, metrics: real_scores(g, r, ("CIDEr",)))
+    monkeypatch.setattr(eval_stage, "coco_scores", lambda g, r, metrics: real_scores(g, r, ("CIDEr",)))
     again = eval_stage.run(config)
     assert loaded == ["ce"] and sum(captioned) == len(predictions) - 2
     assert read_json(ce_dir / "predictions.json") == predictions
@@ -169,7 +169,7 @@ def test_a_retrained_checkpoint_is_evaluated_again(world, video_run, monkeypatch
     monkeypatch.setattr(
         eval_stage, "load_model", lambda c, spec, *a: loaded.append(spec.name) or real_load(c, spec, *a)
     )
-    monkeypatch.setattr(pipeline.metrics, "coco_scores", lambda g, r, metrics: real_scores(g, r, ("CIDEr",)))
+    monkeypatch.setattr(eval_stage, "coco_scores", lambda g, r, metrics: real_scores(g, r, ("CIDEr",)))
     eval_stage.run(config)
     assert loaded == ["ce"]
     eval_stage.run(config)  # and now it is current again
@@ -250,7 +250,7 @@ def test_source_cache_without_a_cache_is_an_error(world, tmp_path):
 
 
 def test_missing_java_is_a_clear_error(world, tmp_path, monkeypatch):
-    from pipeline.cli import main
+    from pipeline.app.cli import main
     from pipeline.metrics import JavaNotFoundError
     from stages import eval as eval_stage
 

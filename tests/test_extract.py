@@ -21,7 +21,7 @@ import pytest
 
 from cache.store import FeatureStore, FingerprintMismatch
 from pipeline.config import config_from_dict
-from pipeline.stage import StageError
+from pipeline.runtime.stage import StageError
 
 NUM_GOOD = 8
 BROKEN = {  # video id -> what its failure reason must say
@@ -35,7 +35,7 @@ BROKEN = {  # video id -> what its failure reason must say
 
 def _make_world(root: Path) -> Path:
     """8 synthetic videos + broken files; returns the annotations file listing them all."""
-    from pipeline.synth import make_synthetic_world
+    from pipeline.demo.synth import make_synthetic_world
 
     world = make_synthetic_world(root / "world", num_videos=NUM_GOOD, seed=0)
     videos = Path(world["videos"])
@@ -55,7 +55,7 @@ def _make_world(root: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from pipeline.testmodels import init_model
+    from pipeline.demo.testmodels import init_model
 
     root = tmp_path_factory.mktemp("extract")
     annotations = _make_world(root)
@@ -133,10 +133,10 @@ def test_cached_tokens_equal_encode_frames_of_the_same_frames(reference, world):
     "processes", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["threads", "processes"]
 )
 def test_two_dask_workers_write_the_same_store(reference, world, processes, monkeypatch):
-    import pipeline.dask_utils
+    import pipeline.runtime.cluster
     from stages.extract import run
 
-    monkeypatch.setattr(pipeline.dask_utils, "LOCAL_WORKER_PROCESSES", processes)
+    monkeypatch.setattr(pipeline.runtime.cluster, "LOCAL_WORKER_PROCESSES", processes)
     config, _ = reference
     dask_config = _config(world, f"dask-{processes}", extract={"workers": 2, "batch_size": 2})
     summary = run(dask_config)
@@ -196,7 +196,7 @@ def test_sigkill_then_rerun_finishes_only_the_rest(reference, world):
 
 
 def test_changed_settings_are_refused_naming_the_difference(reference, world):
-    from pipeline.testmodels import init_model
+    from pipeline.demo.testmodels import init_model
     from stages.extract import run
 
     config, _ = reference
@@ -224,7 +224,7 @@ def test_force_starts_a_new_store(reference, world):
 def test_cache_info_json_tells_the_truth(reference):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     config, _ = reference
     result = CliRunner().invoke(main, ["cache", "info", str(config.cache_path), "--json"])
@@ -254,7 +254,7 @@ def test_weights_hash_follows_the_weights_not_the_name():
 
 
 def test_one_model_of_a_kind_is_cached_per_process_and_can_be_released():
-    from pipeline.dask_utils import _CACHE, release_cached, worker_cached
+    from pipeline.runtime.cluster import _CACHE, release_cached, worker_cached
 
     loads = []
     first = worker_cached(("probe-kind", 1), lambda: loads.append(1) or "model 1")

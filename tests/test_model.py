@@ -10,8 +10,8 @@ import torch
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration
 
 from pipeline.config import ModelConfig
+from pipeline.demo.testmodels import IMAGE_TOKEN, init_model
 from pipeline.model import EXPORT_FILE, LORA_DIR, VideoCaptioner
-from pipeline.testmodels import IMAGE_TOKEN, init_model
 
 CAPTIONS = ["a man is walking", "a dog runs across the road to the kitchen"]
 FLAVOURS = ("tiny-t5", "tiny-opt")

@@ -70,7 +70,7 @@ def test_second_run_skips_every_stage(short_run):
 
 
 def test_changed_settings_are_refused_unless_forced(short_run):
-    from pipeline.stage import StageError
+    from pipeline.runtime.stage import StageError
 
     tmp, _, _ = short_run
     changed = demo_config(tmp, *SHORT, "train.epochs=3")  # the last setting wins

@@ -1,10 +1,10 @@
-"""Linear probes of cached tokens (pipeline/probe.py)."""
+"""Linear probes of cached tokens (pipeline/demo/probe.py)."""
 
 import numpy as np
 import pytest
 
 from cache.store import FeatureStore
-from pipeline.probe import format_probe_table, linear_probe, probe_cache
+from pipeline.demo.probe import format_probe_table, linear_probe, probe_cache
 
 DIRECTIONS = ("left", "right", "up", "down")
 STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
@@ -70,7 +70,7 @@ def test_vidcap_probe_prints_the_probes_and_the_qformer_accuracy(tiny_world, tmp
     from click.testing import CliRunner
     from test_training import tiny_config
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     config = tiny_config(tiny_world, tmp_path / "run")
     sets = [
@@ -95,7 +95,7 @@ def test_vidcap_probe_prints_the_probes_and_the_qformer_accuracy(tiny_world, tmp
 def test_vidcap_probe_without_synthetic_facts_is_a_clear_error(tmp_path):
     from click.testing import CliRunner
 
-    from pipeline.cli import main
+    from pipeline.app.cli import main
 
     rows = '{"video_id": "a", "video": "a.mp4", "split": "train", "captions": ["x"]}\n'
     (tmp_path / "ann.jsonl").write_text(rows)

@@ -173,7 +173,7 @@ def test_max_steps_sets_the_length_even_beyond_one_epoch(world, tmp_path):
 def test_training_df_is_cached_and_matches_the_references(scst_run):
     from pipeline.annotations import load_manifest
     from pipeline.cider import CiderD, DocumentFrequency, simple_tokenize
-    from pipeline.distributed import DistEnv
+    from pipeline.runtime.distributed import DistEnv
     from stages.scst import DF_FILE, training_scorer
 
     config, _ = scst_run
@@ -201,7 +201,7 @@ def test_training_df_is_cached_and_matches_the_references(scst_run):
 
 def test_scst_without_a_ce_model_is_refused(world, tmp_path):
     import stages.scst as scst
-    from pipeline.stage import StageError
+    from pipeline.runtime.stage import StageError
 
     with pytest.raises(StageError, match="run the train stage first"):
         scst.run(tiny_config(world, tmp_path / "empty"))

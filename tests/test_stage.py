@@ -5,7 +5,8 @@ import json
 import pytest
 
 from pipeline.config import config_from_dict
-from pipeline.stage import Stage, StageError, atomic_write_json, read_done
+from pipeline.runtime.files import atomic_write_json
+from pipeline.runtime.stage import Stage, StageError, read_done
 
 
 def _config(tmp_path, **train):

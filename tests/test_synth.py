@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.annotations import read_annotations
-from pipeline.synth import (
+from pipeline.demo.synth import (
     COLORS,
     DIRECTIONS,
     SHAPES,

@@ -13,7 +13,7 @@ from transformers import (
     T5ForConditionalGeneration,
 )
 
-from pipeline.testmodels import (
+from pipeline.demo.testmodels import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGE_TOKEN,

@@ -6,9 +6,9 @@ import numpy as np
 import torch
 from transformers import Blip2ForConditionalGeneration
 
-from pipeline.synth import synth_vocabulary
-from pipeline.testmodels import init_model
-from pipeline.tinypretrain import PRETRAIN_FILE, frame_caption, pretrain_tiny_model, sample_frames
+from pipeline.demo.synth import synth_vocabulary
+from pipeline.demo.testmodels import init_model
+from pipeline.demo.tinypretrain import PRETRAIN_FILE, frame_caption, pretrain_tiny_model, sample_frames
 
 
 def test_sample_frames_are_resized_and_captioned_by_content():

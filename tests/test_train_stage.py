@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 from test_training import build_tiny_world, tiny_config
 
-from pipeline.stage import StageError
+from pipeline.runtime.stage import StageError
 
 REPO = Path(__file__).resolve().parents[1]
 ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

@@ -29,10 +29,10 @@ def build_tiny_world(root: Path, num_videos: int = 20) -> dict[str, str]:
     if ready.exists():
         return json.loads(ready.read_text())
     from cache.store import FeatureStore
+    from pipeline.demo.synth import make_synthetic_world
+    from pipeline.demo.testmodels import init_model
     from pipeline.model import VideoCaptioner
     from pipeline.sampling import normalize_frames
-    from pipeline.synth import make_synthetic_world
-    from pipeline.testmodels import init_model
     from pipeline.video import load_clip
 
     world = make_synthetic_world(root / "world", num_videos=num_videos, seed=0)
@@ -361,7 +361,7 @@ def test_temporal_embeddings_get_their_own_learning_rate(tiny_world):
 
 def test_resume_refuses_a_changed_data_plan(tmp_path):
     from pipeline.checkpoints import check_checkpoint_plan
-    from pipeline.stage import StageError
+    from pipeline.runtime.stage import StageError
 
     (tmp_path / "meta.json").write_text(json.dumps({"steps_per_epoch": 3, "total_steps": 6}))
     check_checkpoint_plan(tmp_path, 3, 6)  # the same plan: resumes

@@ -27,15 +27,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
+    Blip2Processor,
     Blip2QFormerConfig,
     Blip2VisionConfig,
     OPTConfig,
     PreTrainedTokenizerFast,
     T5Config,
 )
+from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -168,7 +171,6 @@ def _collect_strings(node: Any, out: list[str]) -> None:
 
 def build_tokenizer(flavour: str, words: list[str]) -> PreTrainedTokenizerFast:
     """A word-level tokenizer (lowercase, whitespace split) with the flavour's special tokens."""
-    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
     specials, roles = _SPECIALS[flavour]
     vocab = {token: i for i, token in enumerate(specials)}
@@ -287,8 +289,6 @@ def init_model(
 def _save_image_processor(out: Path, image_size: int, tokenizer: Any, num_query_tokens: int) -> None:
     """The image processor (model's image size, CLIP mean/std, bicubic) as `preprocessor_config.json`,
     and the Blip2Processor (`processor_config.json`, what transformers 5 writes) around it."""
-    from transformers import Blip2Processor
-    from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
     images = BlipImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD

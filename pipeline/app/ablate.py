@@ -2,7 +2,7 @@
 
     vidcap ablate configs/ablations_demo.yaml
     vidcap ablate configs/ablations_demo.yaml --only mean --only concat --set train.epochs=5
-    python -m pipeline.ablations configs/ablations_demo.yaml          # the same, without the CLI
+    python -m pipeline.app.ablate configs/ablations_demo.yaml          # the same, without the CLI
 
 An ablation file names a base pipeline config, overrides for every variant, and the variants:
 
@@ -29,10 +29,10 @@ the ViT; the extract stage of the others finds every video done in the store (it
 the tokens, so it gets a store of its own.
 
 Each row reports test CIDEr (`eval/<model>/metrics.json`) and, where the annotations carry the
-synthetic world's facts (`pipeline.synth`), the accuracy of the facts the captions state:
+synthetic world's facts (`pipeline.demo.synth`), the accuracy of the facts the captions state:
 direction (needs frame order), axis (horizontal or vertical: visible in any one frame), colour and
 shape. The table is printed and written, with everything else per row, to `<output_dir>/ablations.json`.
-Under it, `pipeline.probe`'s linear probes of each shared cache say which facts the tokens carry
+Under it, `pipeline.demo.probe`'s linear probes of each shared cache say which facts the tokens carry
 at all (in frame order and averaged over frames), whatever the captioner learned from them.
 """
 
@@ -52,7 +52,11 @@ import click
 import yaml
 
 from pipeline.config import Config, ConfigError, load_config, stage_fingerprint, stage_settings
-from pipeline.probe import FACTS, format_probe_table, probe_ablation_caches
+from pipeline.demo.facts import order_word_accuracy, true_facts
+from pipeline.demo.probe import format_probe_table, probe_ablation_caches
+from pipeline.runtime.commandline import user_errors
+from pipeline.runtime.files import atomic_write_json
+from pipeline.runtime.stage import read_done
 
 RESULTS_FILE = "ablations.json"
 REPORTABLE_MODELS = ("zero_shot", "ce", "scst")
@@ -258,7 +262,6 @@ def collect_rows(ablation: Ablation) -> list[dict[str, Any]]:
 def variant_rows(variant: Variant) -> list[dict[str, Any]]:
     """One row per model of the variant that `eval` has scored with the variant's current settings
     (none before its eval ran, or when the file changed since: results of other settings are no rows)."""
-    from pipeline.stage import read_done
 
     config = variant.config
     if (read_done(config, "eval") or {}).get("fingerprint") != stage_fingerprint(config, "eval"):
@@ -303,7 +306,6 @@ def _train_seconds(model: str, seconds: Mapping[str, float | None]) -> float | N
 def _write_results(
     ablation: Ablation, rows: list[dict[str, Any]], probes: dict[str, Any] | None = None
 ) -> None:
-    from pipeline.stage import atomic_write_json
 
     results = {
         "ablation": str(ablation.path),
@@ -320,47 +322,6 @@ def _read_json(path: Path) -> Any:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
-
-
-# ---------------------------------------------------------------------------------------
-# What the captions get right
-# ---------------------------------------------------------------------------------------
-
-
-def true_facts(config: Config) -> dict[str, dict[str, str]]:
-    """`{video_id: facts}` of a synthetic world's annotations; {} for data without facts."""
-    from pipeline.synth import read_facts
-
-    if config.data.format != "jsonl":
-        return {}
-    try:
-        return read_facts(config.data.annotations)
-    except (OSError, KeyError, json.JSONDecodeError):
-        return {}
-
-
-def order_word_accuracy(
-    predictions: Sequence[Mapping[str, str]], facts: Mapping[str, Mapping[str, str]]
-) -> dict[str, float | None]:
-    """Fraction of predicted captions stating each fact right: `{direction, axis, color, shape}_acc`.
-
-    Direction needs frame order; axis (horizontal or vertical), colour and shape are visible in
-    any single frame. A caption that states no direction (or colour, ...) counts as wrong for it.
-    Videos without known facts are left out; all None when no video has them.
-    """
-    from pipeline.synth import AXIS, parse_facts
-
-    scored = [
-        (parse_facts(p["caption"]), facts[p["video_id"]]) for p in predictions if p["video_id"] in facts
-    ]
-    if not scored:
-        return {f"{name}_acc": None for name in FACTS}
-    right = dict.fromkeys(FACTS, 0)
-    for said, truth in scored:
-        for name in ("direction", "color", "shape"):
-            right[name] += said[name] == truth[name]
-        right["axis"] += AXIS.get(said["direction"] or "") == AXIS[truth["direction"]]
-    return {f"{name}_acc": right[name] / len(scored) for name in FACTS}
 
 
 COLUMNS = (
@@ -420,13 +381,11 @@ def ablate(
 
     Re-running continues where a killed run stopped; finished variants are skipped.
     """
-    from pipeline.cli import friendly_errors
-
-    friendly_errors(run_ablations)(ablation_file, list(only), list(overrides), list(force), output_dir)
+    user_errors(run_ablations)(ablation_file, list(only), list(overrides), list(force), output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
-    ablate.main(args=argv, prog_name="python -m pipeline.ablations")
+    ablate.main(args=argv, prog_name="python -m pipeline.app.ablate")
 
 
 if __name__ == "__main__":

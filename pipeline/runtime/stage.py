@@ -19,24 +19,23 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
+from tqdm import tqdm
+
 from pipeline.config import Config, diff_settings, stage_fingerprint, stage_settings
+from pipeline.errors import StageError
+from pipeline.runtime.files import atomic_write_json
 
 DONE_FILE = "DONE.json"
 LOG_FILE = "log.txt"
 T = TypeVar("T")
-
-
-class StageError(RuntimeError):
-    """A stage cannot run (its inputs are missing, or its finished outputs would be overwritten)."""
 
 
 class Stage:
@@ -125,7 +124,6 @@ def progress(
     iterable: Iterable[T], total: int | None = None, desc: str = "", initial: int = 0, disable: bool = False
 ) -> Iterator[T]:
     """A progress bar (done/total, rate, ETA) on stderr; plain lines when stderr is not a terminal."""
-    from tqdm import tqdm
 
     interval = 0.5 if sys.stderr.isatty() else 10.0
     yield from tqdm(
@@ -140,59 +138,14 @@ def progress(
     )
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write a file so that readers see the old or the new content, never a torn one (SIGKILL-safe)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n").encode())
-
-
-def fsync_path(path: str | Path) -> None:
-    """Flush a file's or a folder's entry to disk (a folder: so a rename in it survives a crash).
-
-    A path that does not exist is skipped: zarr does not store an all-zero chunk.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except FileNotFoundError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(folder: Path) -> None:
-    """`fsync_path` on everything under `folder`, deepest first, then `folder` itself."""
-    for path in sorted(folder.rglob("*"), reverse=True):
-        fsync_path(path)
-    fsync_path(folder)
-
-
 def configure_threads(config: Config) -> None:
     """Apply `run.threads` (torch's CPU threads) for this process; 0 leaves torch's default."""
     if config.run.threads > 0:
-        import torch
-
         torch.set_num_threads(config.run.threads)
 
 
 def resolve_device(spec: str) -> str:
     """`auto` -> `cuda` when available, else `cpu`; anything else is passed through."""
-    import torch
 
     if spec == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"

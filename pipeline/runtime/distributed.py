@@ -15,7 +15,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pipeline.stage import resolve_device
+from pipeline.runtime.stage import resolve_device
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,8 @@
 """The `vidcap` command line: thin click commands that build a config and call a stage.
 
+Each command imports what it runs inside its body, on purpose: torch, transformers and the
+stages take seconds to import, and `vidcap --help` should not wait for them.
+
 Every stage command takes `--config FILE` and repeated `--set section.key=value`; `--force`
 redoes a finished stage. Errors a user can fix (bad config, missing inputs, no Java) are
 printed as one message, without a traceback.
@@ -8,63 +11,10 @@ printed as one message, without a traceback.
 from __future__ import annotations
 
 import json
-import sys
-from collections.abc import Callable
-from functools import wraps
-from typing import Any
 
 import click
 
-from pipeline.config import Config, ConfigError, load_config
-
-_CONFIG_HELP = "YAML config (see configs/); defaults apply to keys it leaves out."
-_SET_HELP = "Override one key, e.g. --set train.lr=1e-4 (repeatable)."
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exception types that carry a message meant for the user."""
-    errors: list[type[BaseException]] = [ConfigError, FileNotFoundError]
-    for module, name in [
-        ("pipeline.stage", "StageError"),
-        ("pipeline.annotations", "AnnotationError"),
-        ("pipeline.metrics", "JavaNotFoundError"),
-        ("pipeline.video", "VideoDecodeError"),
-        ("cache.store", "FingerprintMismatch"),
-        ("cache.store", "StoreError"),
-    ]:
-        mod = sys.modules.get(module)
-        if mod is not None and hasattr(mod, name):
-            errors.append(getattr(mod, name))
-    return tuple(errors)
-
-
-def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    @wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except click.ClickException:
-            raise
-        except Exception as e:
-            if isinstance(e, _user_errors()):
-                raise click.ClickException(str(e)) from None
-            raise
-
-    return wrapper
-
-
-def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
-    fn = click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=_SET_HELP)(fn)
-    fn = click.option("--config", "config_path", type=click.Path(dir_okay=False), help=_CONFIG_HELP)(fn)
-    return fn
-
-
-def _config(config_path: str | None, overrides: tuple[str, ...]) -> Config:
-    return load_config(config_path, list(overrides))
-
-
-def _print_json(obj: Any) -> None:
-    click.echo(json.dumps(obj, indent=2, default=str))
+from pipeline.runtime.commandline import cli_config, config_options, print_json, user_errors
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -86,16 +36,14 @@ def _stage_command(name: str, summary: str) -> None:
     @main.command(name=name, help=summary)
     @config_options
     @click.option("--force", is_flag=True, help="Redo the stage even if it finished with other settings.")
-    @friendly_errors
+    @user_errors
     def command(config_path: str | None, overrides: tuple[str, ...], force: bool) -> None:
-        import importlib
+        from pipeline.runtime.stage import configure_threads
+        from run_pipeline import STAGES
 
-        from pipeline.stage import configure_threads
-
-        config = _config(config_path, overrides)
+        config = cli_config(config_path, overrides)
         configure_threads(config)
-        stage = importlib.import_module(f"stages.{name}")
-        _print_json(stage.run(config, force=force))
+        print_json(STAGES[name](config, force=force))
 
 
 _stage_command("extract", "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.")
@@ -106,20 +54,15 @@ _stage_command(
 )
 
 
-@main.command()
-@config_options
-@click.option("--stages", default="", help="Comma-separated stages to run (default: run.stages).")
-@click.option("--from", "from_stage", default="", help="Start at this stage, skipping the ones before.")
-@click.option("--force", "force", multiple=True, metavar="STAGE", help="Redo this stage (repeatable; 'all').")
-@friendly_errors
-def run(
-    config_path: str | None, overrides: tuple[str, ...], stages: str, from_stage: str, force: tuple[str, ...]
-) -> None:
-    """Run the stages of one config in order, skipping finished ones (same as run_pipeline.py)."""
-    from run_pipeline import run_pipeline
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
+@click.pass_context
+def run(ctx: click.Context) -> None:
+    """Run the stages of one config in order, skipping finished ones (= python run_pipeline.py)."""
+    from run_pipeline import main as run_pipeline_main
 
-    config = _config(config_path, overrides)
-    run_pipeline(config, stages=[s for s in stages.split(",") if s], from_stage=from_stage, force=list(force))
+    run_pipeline_main.main(args=ctx.args, prog_name="vidcap run")
 
 
 @main.command()
@@ -135,7 +78,7 @@ def run(
     help="Output JSONL (appended; resumable).",
 )
 @config_options
-@friendly_errors
+@user_errors
 def caption(
     inputs: tuple[str, ...],
     model_path: str,
@@ -148,19 +91,19 @@ def caption(
     Re-running with the same --out skips videos already captioned; unreadable videos get an
     `error` record and never stop the run.
     """
-    from pipeline.stage import configure_threads
+    from pipeline.runtime.stage import configure_threads
     from stages.caption import caption_videos
 
-    config = _config(config_path, overrides)
+    config = cli_config(config_path, overrides)
     configure_threads(config)
-    _print_json(caption_videos(list(inputs), model_path, out_path, config))
+    print_json(caption_videos(list(inputs), model_path, out_path, config))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--merge-lora", is_flag=True, help="Merge LoRA weights into a full copy of the language model.")
-@friendly_errors
+@user_errors
 def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
     """Write a self-contained model folder from a run (best SCST checkpoint, else best CE)."""
     from stages.train import export_run
@@ -182,10 +125,10 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
     help="Annotations whose words form the tiny tokenizer's vocabulary.",
 )
 @click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
-@friendly_errors
+@user_errors
 def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> None:
     """Write a randomly initialised BLIP-2 as an ordinary Hugging Face folder (tests, demo, benchmarks)."""
-    from pipeline.testmodels import init_model as build
+    from pipeline.demo.testmodels import init_model as build
 
     click.echo(str(build(out_dir, preset, vocab_from=vocab_from, seed=seed)))
 
@@ -194,12 +137,12 @@ def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> 
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @click.option("--videos", default=120, show_default=True, help="Number of videos.")
 @click.option("--seed", default=0, show_default=True, help="Seed of the world.")
-@friendly_errors
+@user_errors
 def synth(out_dir: str, videos: int, seed: int) -> None:
     """Write the synthetic world: real encoded videos, splits, several captions per video."""
-    from pipeline.synth import make_synthetic_world
+    from pipeline.demo.synth import make_synthetic_world
 
-    _print_json(make_synthetic_world(out_dir, num_videos=videos, seed=seed))
+    print_json(make_synthetic_world(out_dir, num_videos=videos, seed=seed))
 
 
 @main.command()
@@ -212,7 +155,7 @@ def synth(out_dir: str, videos: int, seed: int) -> None:
     show_default=True,
     help="coco: pycocoevalcap (all metrics); fast: our CIDEr-D only.",
 )
-@friendly_errors
+@user_errors
 def score(gts: str, res: str, impl: str) -> None:
     """Score captions RES (JSON list of {image_id|video_id, caption}) against GTS (COCO ground truth or manifest)."""
     from pipeline.metrics import score_files
@@ -230,14 +173,14 @@ def cache() -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (videos, done, failed, fingerprint, bytes)."
 )
-@friendly_errors
+@user_errors
 def cache_info(path: str, as_json: bool) -> None:
     """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk."""
     from cache.store import FeatureStore
 
     info = FeatureStore.open(path).info()
     if as_json:
-        _print_json(info)
+        print_json(info)
         return
     failed = info.get("failed", {})
     click.echo(
@@ -260,12 +203,12 @@ def config_reference() -> None:
 
 @main.command("show-config")
 @config_options
-@friendly_errors
+@user_errors
 def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
     """Print the fully resolved config (defaults + file + overrides) after validation."""
     import yaml
 
-    click.echo(yaml.safe_dump(_config(config_path, overrides).to_dict(), sort_keys=False))
+    click.echo(yaml.safe_dump(cli_config(config_path, overrides).to_dict(), sort_keys=False))
 
 
 @main.command()
@@ -276,12 +219,12 @@ def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
     show_default=True,
     help="Also train the model's fusion + Q-Former with a linear head on `direction` (0: skip).",
 )
-@friendly_errors
+@user_errors
 def probe(config_path: str | None, overrides: tuple[str, ...], qformer_epochs: int) -> None:
     """Linear probes of the synthetic world's facts on a config's cached tokens (no video decoded)."""
-    from pipeline.probe import format_probe_table, probe_cache, qformer_probe, true_facts_and_splits
+    from pipeline.demo.probe import format_probe_table, probe_cache, qformer_probe, true_facts_and_splits
 
-    config = _config(config_path, overrides)
+    config = cli_config(config_path, overrides)
     facts, splits = true_facts_and_splits(config)
     click.echo(format_probe_table({config.cache_path.stem: probe_cache(config.cache_path, facts, splits)}))
     if qformer_epochs > 0:
@@ -292,13 +235,16 @@ def probe(config_path: str | None, overrides: tuple[str, ...], qformer_epochs: i
         )
 
 
-def _register_ablate() -> None:
-    from pipeline.ablations import ablate
+@main.command(
+    context_settings={"ignore_unknown_options": True, "allow_extra_args": True}, add_help_option=False
+)
+@click.pass_context
+def ablate(ctx: click.Context) -> None:
+    """Train the variants of an ablation file from one shared feature cache and print one table."""
+    from pipeline.app.ablate import ablate as ablate_command
 
-    main.add_command(ablate)
+    ablate_command.main(args=ctx.args, prog_name="vidcap ablate")
 
-
-_register_ablate()
 
 if __name__ == "__main__":
     main()

@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import atomic_write_bytes
+from pipeline.runtime.files import atomic_write_bytes
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "curves.png"

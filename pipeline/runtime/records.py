@@ -10,13 +10,14 @@ last line of OUT is cut off first. A record's key is its `video` (and `start`, f
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.stage import StageError
+from pipeline.runtime.stage import StageError
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -113,7 +114,6 @@ def _cut_torn_tail(path: Path) -> None:
 @contextlib.contextmanager
 def exclusive_writer(out: Path) -> Iterator[None]:
     """Refuse a second run writing the same OUT at the same time (POSIX advisory lock)."""
-    import fcntl
 
     with open(out.with_name(out.name + ".lock"), "w") as lock:
         try:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import gc
 import itertools
 import logging
 import os
@@ -37,6 +38,10 @@ import time
 from collections.abc import Callable, Hashable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
+
+import torch
+
+from pipeline.runtime.stage import progress
 
 T = TypeVar("T")
 
@@ -114,8 +119,6 @@ def _visible_gpus() -> list[str]:
     if visible is not None:
         return [g.strip() for g in visible.split(",") if g.strip() and g.strip() != "-1"]
     try:
-        import torch
-
         return [str(i) for i in range(torch.cuda.device_count())]
     except Exception:  # no torch CUDA runtime at all
         return []
@@ -152,8 +155,6 @@ def _drop(matches: Callable[[tuple[Hashable, ...]], bool]) -> None:
     for k in stale:
         del _CACHE[k]
     if stale:
-        import gc
-
         gc.collect()
         torch = sys.modules.get("torch")
         if torch is not None and torch.cuda.is_available():
@@ -164,8 +165,6 @@ def configure_torch_threads() -> None:
     """Inside a Dask worker process, let torch use the cores `dask_client` gave it."""
     threads = os.environ.get("OMP_NUM_THREADS")
     if threads and _in_dask_worker():
-        import torch
-
         torch.set_num_threads(max(1, int(threads)))
 
 
@@ -262,10 +261,9 @@ def run_chunks(
 
 
 class progress_counter:  # noqa: N801 (used like a function: `with progress_counter(n, "extract") as bar`)
-    """`pipeline.stage.progress` (rate, ETA) advanced by hand: `bar.update(n)` as items finish."""
+    """`pipeline.runtime.stage.progress` (rate, ETA) advanced by hand: `bar.update(n)` as items finish."""
 
     def __init__(self, total: int, desc: str):
-        from pipeline.stage import progress
 
         self._bar = progress(range(total), total=total, desc=desc)
         self._left = total

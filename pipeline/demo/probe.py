@@ -23,8 +23,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-FACTS = ("direction", "axis", "color", "shape")
+from cache.store import FeatureStore
+from pipeline.annotations import load_manifest
+from pipeline.config import ConfigError
+from pipeline.demo.facts import FACTS, true_facts
+from pipeline.demo.synth import AXIS
+from pipeline.model import VideoCaptioner
+
 VIEWS = ("ordered", "frame_mean")
 TITLES = {"color": "colour"}
 
@@ -42,7 +49,6 @@ def linear_probe(
     Fitted on the rows where `train` is True (standardised with their statistics; Adam, L2),
     scored on the others.
     """
-    import torch
 
     classes = sorted(set(labels))
     y = torch.tensor([classes.index(label) for label in labels])
@@ -87,22 +93,16 @@ def probe_cache(
 
 def true_facts_and_splits(config: Any) -> tuple[dict[str, dict[str, str]], dict[str, str]]:
     """The synthetic world's facts and each video's split, for a config's data."""
-    from pipeline.ablations import true_facts
-    from pipeline.annotations import load_manifest
 
     facts = true_facts(config)
     if not facts:
-        from pipeline.config import ConfigError
-
         raise ConfigError(
-            f"{config.data.annotations}: no synthetic-world facts to probe (see pipeline.synth)"
+            f"{config.data.annotations}: no synthetic-world facts to probe (see pipeline.demo.synth)"
         )
     return facts, {r.video_id: r.split for r in load_manifest(config.data).records}
 
 
 def _fact(facts: Mapping[str, str], name: str) -> str:
-    from pipeline.synth import AXIS  # imported here: pipeline.synth pulls in the video codecs
-
     return AXIS[facts["direction"]] if name == "axis" else facts[name]
 
 
@@ -124,8 +124,6 @@ def format_probe_table(probes: Mapping[str, Mapping[str, Mapping[str, float]]]) 
 
 def probe_ablation_caches(configs: list[Any]) -> dict[str, dict[str, dict[str, float]]]:
     """Probes of each distinct cache among the variants' configs, by store name; {} without facts."""
-    from pipeline.ablations import true_facts
-
     probes: dict[str, dict[str, dict[str, float]]] = {}
     for config in configs:
         name = Path(config.cache_path).stem  # `<T>f-<hash>`
@@ -140,9 +138,6 @@ def qformer_probe(config: Any, fact: str = "direction", epochs: int = 30, held_o
     queries, projection; the language model unused) with a linear head on its projected query
     outputs (the language model's visual prefix), trained on the
     cached view-0 tokens of the train split (AdamW, `train.lr`, `train.batch_size`, `run.seed`)."""
-    import torch
-
-    from pipeline.model import VideoCaptioner
 
     facts, splits = true_facts_and_splits(config)
     ids, cached = _labelled_tokens(config.cache_path, facts, splits, held_out)
@@ -181,7 +176,6 @@ def _labelled_tokens(
     store_path: str | Path, facts: Mapping[str, Any], splits: Mapping[str, str], held_out: str
 ) -> tuple[list[str], np.ndarray]:
     """Ids and float32 view-0 tokens (N, T, L, D) of the done train and `held_out` videos with facts."""
-    from cache.store import FeatureStore
 
     if not Path(store_path).exists():
         raise FileNotFoundError(f"no feature cache at {store_path}: run the extract stage first")

@@ -21,8 +21,9 @@ import numpy as np
 import torch
 
 from pipeline.config import ModelConfig
+from pipeline.demo.synth import draw_scenes, render_scene
+from pipeline.model import VideoCaptioner
 from pipeline.sampling import normalize_frames
-from pipeline.synth import draw_scenes, render_scene
 from pipeline.video import _resize
 
 PRETRAIN_FILE = "tiny_pretraining.json"
@@ -54,7 +55,6 @@ def pretrain_tiny_model(
     seed: int = 0,
 ) -> dict[str, float]:
     """Train Q-Former + LM of the BLIP-2 in `model_dir` on frame captions; save it back in place."""
-    from pipeline.model import VideoCaptioner
 
     model_dir = Path(model_dir)
     torch.manual_seed(seed)

@@ -7,7 +7,7 @@ but not the direction: reversing the frames reverses the motion and changes only
 direction words of the captions (`order_words`). A model that sees frames as an unordered set
 (the method's concatenation without temporal embeddings) can get at most half of those right.
 
-    python -c "from pipeline.synth import make_synthetic_world as m; print(m('data/synth'))"
+    python -c "from pipeline.demo.synth import make_synthetic_world as m; print(m('data/synth'))"
 
 writes, deterministically from the seed:
 
