@@ -1,7 +1,7 @@
 """AdamW parameter groups and the warmup-then-cosine learning-rate schedule of `fit`.
 
 No weight decay on biases, norms, embeddings and query tokens; linear warmup from `warmup_lr`
-to `lr`, then cosine down to `min_lr` at the last step (reference.md, "Optimisation").
+to `lr`, then cosine down to `min_lr` at the last step.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Published numbers to compare against, and the results table `eval` prints.
 
 The numbers are those of the method's paper (BLIP-2 turned into a video captioner) and of
-the best peer with public code, as collected in `reference.md` ("Headline numbers"). They
+the best peer with public code (mPLUG-2). They
 are on the x100 scale papers use; our metrics files keep pycocoevalcap's 0..1 scale and
 `format_table` scales them. A metric the paper does not give is left out (printed `-`).
 """

@@ -53,6 +53,7 @@ from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
 from pipeline.model import VideoCaptioner, is_export
 from pipeline.runtime.cluster import (
+    Tally,
     chunk_size_for,
     configure_torch_threads,
     dask_client,
@@ -162,34 +163,21 @@ def _refuse_other_settings(out: Path, model_path: str, config: Config) -> None:
         )
 
 
-class _Totals:
-    """What the tasks report, added up; the summary `caption_videos` returns."""
+class _Totals(Tally):
+    """What the caption tasks report, added up; the summary `caption_videos` returns."""
 
     def __init__(self, videos: int, skipped: int) -> None:
-        self.videos, self.skipped = videos, skipped
-        self.counts = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
-        self.started = time.time()
+        super().__init__(TIMERS, videos, skipped)
+        self.captioned = self.errors = 0
 
     def add(self, result: dict[str, Any]) -> None:
-        for key, value in result.items():
-            self.counts[key] += value
+        self.captioned += result["captioned"]
+        self.errors += result["errors"]
+        self.add_seconds({k: result[k] for k in TIMERS})
 
     def summary(self, out: Path, model: str, mode: str, setup_s: float, seconds: float) -> dict[str, Any]:
-        working = time.time() - self.started
-        finished = self.counts["captioned"] + self.counts["errors"]
-        return {
-            "out": str(out),
-            "model": model,
-            "mode": mode,
-            "videos": self.videos,
-            "captioned": self.counts["captioned"],
-            "errors": self.counts["errors"],
-            "skipped": self.skipped,
-            "seconds": round(seconds, 2),
-            "setup_s": round(setup_s, 2),  # starting workers and loading the model
-            "videos_per_s": round(finished / working, 3) if finished and working > 0 else 0.0,
-            **{k: round(self.counts[k], 2) for k in TIMERS},
-        }
+        common = self.common_summary(mode, self.captioned + self.errors, setup_s, seconds)
+        return {"out": str(out), "model": model, "captioned": self.captioned, "errors": self.errors, **common}
 
 
 # ----------------------------------------------------------------------------------------

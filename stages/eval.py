@@ -265,7 +265,7 @@ def evaluate_model(
     log.info("eval %s: %d videos of split %s from %s (%d done before) on %s",
              spec.name, len(records), identity["split"], source, len(records) - len(todo), device)  # fmt: skip
     if todo:
-        caption_videos(config, spec, todo, source, device, partial, captions, failed)
+        caption_split(config, spec, todo, source, device, partial, captions, failed)
 
     for video_id, reason in failed.items():
         log.warning("eval %s: video %s left out: %s", spec.name, video_id, reason)
@@ -293,7 +293,7 @@ def evaluate_model(
     return metrics
 
 
-def caption_videos(config: Config, spec: ModelSpec, todo: Sequence[VideoRecord], source: str, device: str,
+def caption_split(config: Config, spec: ModelSpec, todo: Sequence[VideoRecord], source: str, device: str,
                    partial: Path, captions: dict[str, str], failed: dict[str, str]) -> None:  # fmt: skip
     """Beam-search captions of `todo` into `captions` (bad videos into `failed`), appended batch by
     batch to the `partial` file so that a killed run resumes after the last finished batch."""

@@ -39,6 +39,7 @@ from cache.store import FeatureStore
 from pipeline.annotations import load_manifest
 from pipeline.config import Config
 from pipeline.runtime.cluster import (
+    Tally,
     chunk_size_for,
     configure_torch_threads,
     dask_client,
@@ -324,44 +325,35 @@ def _reason(error: BaseException) -> str:
 # ----------------------------------------------------------------------------------------
 
 
-class _Totals:
-    """What the tasks report, added up in the driver; the stage summary."""
+class _Totals(Tally):
+    """What the extract tasks report, added up in the driver; the stage summary."""
 
     TIMERS = ("decode_s", "decode_wait_s", "vit_s", "write_s")
 
     def __init__(self, skipped: int, videos: int) -> None:
-        self.started = time.time()
-        self.videos, self.skipped, self.done = videos, skipped, 0
+        super().__init__(self.TIMERS, videos, skipped)
+        self.done = 0
         self.failures: dict[str, str] = {}
-        self.seconds = dict.fromkeys(self.TIMERS, 0.0)
 
     def add(self, result: dict[str, Any], log: Any) -> None:
         self.done += len(result["done"])
         for video_id, reason in result["failed"].items():
             log.warning("extract: %s failed: %s", video_id, reason)
             self.failures[video_id] = reason
-        for key, value in result["seconds"].items():
-            self.seconds[key] += value
+        self.add_seconds(result["seconds"])
 
     def summary(
         self, mode: str, store: Any, vit: dict[str, Any], setup_s: float, seconds: float
     ) -> dict[str, Any]:
-        working = time.time() - self.started
         info = store.info()
         return {
-            "mode": mode,
+            **self.common_summary(mode, self.done + len(self.failures), setup_s, seconds),
             "store": str(store.path),
-            "videos": self.videos,
             "done": self.done,
-            "skipped": self.skipped,
             "failed": len(self.failures),
             "failures": dict(list(self.failures.items())[:MAX_FAILURES_IN_SUMMARY]),
             "store_done": info["done"],
             "store_failed": len(info["failed"]),
-            "seconds": round(seconds, 2),
-            "setup_s": round(setup_s, 2),  # starting workers, loading and hashing the ViT
-            "videos_per_s": round((self.done + len(self.failures)) / working, 3) if working > 0 else 0.0,
-            **{k: round(v, 2) for k, v in self.seconds.items()},
             "device": vit["device"],
             "dtype": vit["dtype"],
         }

@@ -3,14 +3,14 @@
     vidcap scst --config configs/msrvtt_t5xl_lora_scst.yaml
     torchrun --nproc_per_node 8 run_pipeline.py --config configs/msrvtt_t5xl_lora_scst.yaml --stages scst
 
-SCST done right (Rennie et al. 2017; see reference.md for what the method's public code got
-wrong). For each video of a batch:
+SCST as Rennie et al. (2017) and self-critical.pytorch do it. For each video of a batch:
 
 1. sample k = `scst.samples` captions (`generate(do_sample=True)`, no gradient, eval mode);
 2. baseline b: the reward of the greedy caption (`scst.baseline: greedy`) or the mean reward of
    the other k-1 samples (`mean`);
 3. re-score the sampled token sequences with a teacher-forced forward pass, with gradient and
-   in train mode: log p(sample) summed over its tokens through EOS;
+   in eval mode (no dropout, as sampled), at the sampling temperature and with EOS forbidden
+   before `min_new_tokens` as during sampling: log p(sample) summed over its tokens through EOS;
 4. reward r: CIDEr-D of each sample against ALL references of its video, with document
    frequencies of the TRAINING references, computed once and cached in `cider_df.npz`;
 5. loss = -mean((r - b) * log p(sample)).

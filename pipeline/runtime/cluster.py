@@ -143,12 +143,6 @@ def release_cached(kind: Hashable) -> None:
         _drop(lambda cached: cached[0] == kind)
 
 
-def clear_worker_cache() -> None:
-    """Drop every cached object of this process (tests)."""
-    with _CACHE_LOCK:
-        _drop(lambda cached: True)
-
-
 def _drop(matches: Callable[[tuple[Hashable, ...]], bool]) -> None:
     """Remove matching entries (the lock held) and return their GPU memory to the driver."""
     stale = [k for k in _CACHE if matches(k)]
@@ -258,6 +252,35 @@ def run_chunks(
     except BaseException:
         client.cancel(list(futures))
         raise
+
+
+class Tally:
+    """What the tasks of one run report, added up in the driver: seconds per phase and the rate.
+
+    `extract` and `caption` subclass it with their own counts.
+    """
+
+    def __init__(self, timers: Sequence[str], videos: int, skipped: int) -> None:
+        self.videos, self.skipped = videos, skipped
+        self.seconds = dict.fromkeys(timers, 0.0)
+        self.started = time.time()
+
+    def add_seconds(self, seconds: dict[str, float]) -> None:
+        for key, value in seconds.items():
+            self.seconds[key] += value
+
+    def common_summary(self, mode: str, finished: int, setup_s: float, seconds: float) -> dict[str, Any]:
+        """Mode, video counts, wall time, set-up time, videos/s since the work began, seconds per phase."""
+        working = time.time() - self.started
+        return {
+            "mode": mode,
+            "videos": self.videos,
+            "skipped": self.skipped,
+            "seconds": round(seconds, 2),
+            "setup_s": round(setup_s, 2),  # starting workers and loading the model
+            "videos_per_s": round(finished / working, 3) if finished and working > 0 else 0.0,
+            **{k: round(v, 2) for k, v in self.seconds.items()},
+        }
 
 
 class progress_counter:  # noqa: N801 (used like a function: `with progress_counter(n, "extract") as bar`)
