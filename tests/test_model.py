@@ -17,13 +17,7 @@ CAPTIONS = ["a man is walking", "a dog runs across the road to the kitchen"]
 FLAVOURS = ("tiny-t5", "tiny-opt")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny models run ~20x faster on one thread than with OpenMP spinning on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")

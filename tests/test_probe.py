@@ -59,18 +59,11 @@ def test_probe_cache_needs_both_splits(tmp_path):
         probe_cache(tmp_path / "probe.zarr", facts, dict.fromkeys(splits, "train"))
 
 
-@pytest.fixture(scope="module")
-def tiny_world(tmp_path_factory):
-    from test_training import build_tiny_world
-
-    return build_tiny_world(tmp_path_factory.getbasetemp() / "train_world")  # shared with test_training
-
-
 def test_vidcap_probe_prints_the_probes_and_the_qformer_accuracy(tiny_world, tmp_path):
     from click.testing import CliRunner
-    from test_training import tiny_config
 
     from pipeline.app.cli import main
+    from pipeline.demo.tinyworld import tiny_config
 
     config = tiny_config(tiny_world, tmp_path / "run")
     sets = [

@@ -7,18 +7,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_training import NUM_FRAMES, build_tiny_world, tiny_config
 
 from pipeline.config import ModelConfig
+from pipeline.demo.tinyworld import NUM_FRAMES, build_tiny_world, tiny_config
 from stages.scst import ScstObjective
 
 TARGET = "red square"  # short, so a near-uniform random model samples its words often
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.set_num_threads(1)
-    return build_tiny_world(tmp_path_factory.getbasetemp() / "train_world")
+def world(tiny_world):
+    return tiny_world
 
 
 def _model(world, **settings):

@@ -187,10 +187,12 @@ def test_concurrent_writers_of_different_videos(tmp_path):
 
 
 KILLED_WRITER = """
-import sys
-sys.path.insert(0, {tests!r})
+import numpy as np
 from cache import FeatureStore
-from test_store import _tokens
+
+def _tokens(index, shape):
+    return np.random.default_rng(index).standard_normal(shape).astype(np.float32) * 3
+
 store = FeatureStore.open({path!r}, mode="r+")
 for video_id in store.pending_ids():
     store.write_video(video_id, _tokens(store.index_of(video_id), {shape!r}))
@@ -203,7 +205,7 @@ def test_sigkill_mid_run_leaves_a_consistent_store(tmp_path):
     ids = [f"v{i}" for i in range(400)]
     path = tmp_path / "f.zarr"
     _create(path, ids=ids, shape=shape, codec="zstd")
-    script = KILLED_WRITER.format(tests=os.path.dirname(__file__), path=str(path), shape=shape)
+    script = KILLED_WRITER.format(path=str(path), shape=shape)
     rng = np.random.default_rng(0)
     for _ in range(2):  # two kills at random instants after the writer got going
         writer = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training import build_tiny_world, tiny_config
 
+from pipeline.demo.tinyworld import build_tiny_world, tiny_config
 from pipeline.runtime.stage import StageError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -22,9 +22,8 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYT
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    torch.set_num_threads(1)
-    return build_tiny_world(tmp_path_factory.getbasetemp() / "train_world")
+def world(tiny_world):
+    return tiny_world
 
 
 @pytest.fixture(scope="module")
