@@ -110,8 +110,10 @@ class ModelConfig:
     """LoRA dropout."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Module names LoRA wraps (T5: `q`, `v`; OPT: `q_proj`, `v_proj`)."""
-    prompt: str = "a video of"
-    """Text prompt given to the language model."""
+    prompt: str | None = None
+    """Text prompt given to the language model (unset: the seed's, "a video of" for T5, "" for OPT and Vicuna)."""
+    qformer_text_input: bool = False
+    """InstructBLIP only: the Q-Former also reads the prompt's tokens (the seed: false)."""
     max_caption_tokens: int = 32
     """Caption length limit in tokens for training targets."""
     dtype: str = "auto"
@@ -257,8 +259,8 @@ class EvalConfig:
     """Beam width."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the seed's min_length=5 as LAVIS counts it: T5 4, OPT/Vicuna 5)."""
     metrics: list[str] = field(default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"])
     """coco-caption metrics to compute (`SPICE` too where it can run)."""
 
@@ -276,8 +278,8 @@ class CaptionConfig:
     """Beam width (1: greedy)."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the flavour's seed rule, as `eval.min_new_tokens`)."""
     workers: int = 0
     """Local Dask workers (0: in this process)."""
     scheduler: str = ""

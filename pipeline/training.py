@@ -87,7 +87,7 @@ class Validation:
     """Raw reference captions per video (tokenised with `simple_tokenize` for scoring)."""
     batch_size: int = 16
     max_new_tokens: int = 32
-    min_new_tokens: int = 5
+    min_new_tokens: int | None = None  # None: the model flavour's seed rule
 
 
 @torch.no_grad()

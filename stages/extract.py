@@ -162,7 +162,7 @@ def load_vit(config: Config) -> tuple[Any, str, str]:
         device,
     )
     model = worker_cached(key, load)
-    dtype = str(model.compute_dtype or torch.float32).removeprefix("torch.")  # bf16 autocast on CUDA
+    dtype = model.precision  # "float32", or bf16 autocast on CUDA (pipeline.vision.VIT_PRECISION)
     return model, device, dtype
 
 

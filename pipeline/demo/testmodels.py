@@ -11,7 +11,9 @@ A tiny model gets its own word-level tokenizer (the real T5 / OPT tokenizers nee
 from the hub) whose special tokens follow the language model's conventions:
 
 * T5:  `<pad>`=0, `</s>`=1 (eos), `<unk>`=2; decoder start = pad; `</s>` appended to every text.
-* OPT: `<s>`=0, `<pad>`=1, `</s>`=2 (bos and eos), `<unk>`=3; `</s>` prepended to every text.
+* OPT: `<s>`=0, `<pad>`=1, `</s>`=2 (bos and eos), `<unk>`=3; `</s>` prepended to every text;
+  a newline token (an ordinary, non-special token, as OPT's id 50118): BLIP-2's OPT ends captions
+  with it and generates with it as EOS.
 
 Both also carry an `<image>` token (`config.image_token_index`), the placeholder the
 transformers 5 BLIP-2 processor puts where the query outputs go.
@@ -27,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     Blip2Config,
     Blip2ForConditionalGeneration,
@@ -43,6 +45,7 @@ from transformers.models.blip.image_processing_pil_blip import BlipImageProcesso
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
+NEWLINE = "\n"
 
 # Random ViTs need a real init scale: Blip2VisionConfig's default initializer_range is
 # 1e-10, which makes a random ViT output ~0 everywhere (no signal reaches the Q-Former).
@@ -177,7 +180,11 @@ def build_tokenizer(flavour: str, words: list[str]) -> PreTrainedTokenizerFast:
     for word in sorted(set(words) - set(vocab)):
         vocab[word] = len(vocab)
     vocab[IMAGE_TOKEN] = len(vocab)
+    if flavour == "opt":
+        vocab[NEWLINE] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if flavour == "opt":  # matched before whitespace splitting (which would drop it)
+        tok.add_tokens([AddedToken(NEWLINE, normalized=False, special=False)])
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
