@@ -177,8 +177,14 @@ class VideoCaptioner(nn.Module):
         # A local folder is recorded as an absolute path, so exports load from any directory.
         if Path(pretrained).is_dir():
             pretrained = Path(pretrained).resolve()
+        arch = architecture(pretrained)
+        if model_cfg.qformer_text_input and not arch.qformer_takes_text:
+            raise ValueError(
+                f"model.qformer_text_input: true needs an InstructBLIP checkpoint; {pretrained} is BLIP-2, "
+                "whose Q-Former reads no text"
+            )
         # fp32 weights are loaded exactly; frozen parts are cast down later (`_place`).
-        blip = architecture(pretrained).model.from_pretrained(str(pretrained), dtype=torch.float32)
+        blip = arch.model.from_pretrained(str(pretrained), dtype=torch.float32)
         if not load_vision:
             blip.vision_model = None  # training from the cache never needs the ViT
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained))

@@ -1,12 +1,17 @@
 """Language-model flavours (`pipeline.model.FLAVOURS`) behave as BLIP-2/LAVIS drive each LM:
 OPT ends captions with a newline and stops generating there, the seed's minimum length per
-flavour, the seed prompts, and the ViT precision rule recorded in the cache fingerprint."""
+flavour, the seed prompts; InstructBLIP (Vicuna/LLaMA) loads and trains like BLIP-2, and a
+feature cache is shared by every checkpoint with the same ViT."""
+
+import json
+from pathlib import Path
 
 import pytest
 import torch
+from transformers import AutoTokenizer, InstructBlipForConditionalGeneration
 
-from pipeline.config import ModelConfig
-from pipeline.demo.testmodels import NEWLINE, init_model
+from pipeline.config import ModelConfig, config_from_dict
+from pipeline.demo.testmodels import IMAGE_TOKEN, NEWLINE, init_model
 from pipeline.model import FLAVOURS, VideoCaptioner, flavour_of
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
@@ -15,7 +20,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("flavour_models")
-    return {p: str(init_model(root / p, p, seed=1)) for p in ("tiny-t5", "tiny-opt")}
+    return {p: str(init_model(root / p, p, seed=1)) for p in ("tiny-t5", "tiny-opt", "tiny-instructblip")}
 
 
 def make(folder, **settings) -> VideoCaptioner:
@@ -89,7 +94,7 @@ def test_opt_zero_shot_generation_stops_at_the_newline(folders):
 
 
 @torch.no_grad()
-@pytest.mark.parametrize(("preset", "expected"), [("tiny-t5", 4), ("tiny-opt", 5)])
+@pytest.mark.parametrize(("preset", "expected"), [("tiny-t5", 4), ("tiny-opt", 5), ("tiny-instructblip", 5)])
 def test_minimum_length_defaults_to_the_seed_rule(folders, preset, expected):
     model = make(folders[preset])
     with favour(model, model.eos_token_id):
@@ -104,3 +109,137 @@ def test_minimum_length_defaults_to_the_seed_rule(folders, preset, expected):
         model.sequence_logprobs(tokens(), ids, min_new_tokens=None),
         model.sequence_logprobs(tokens(), ids, min_new_tokens=expected),
     )
+
+
+# --------------------------------------------------------------------------------------------
+# InstructBLIP (LLaMA-style LM)
+# --------------------------------------------------------------------------------------------
+
+
+def _instructblip_loss(folder, pixels, prompt, captions):
+    """transformers' own InstructBLIP forward: `<image>` x Q + `<s>` prompt caption `</s>`, and
+    the Q-Former reading the prompt through its BERT tokenizer (it always does)."""
+    hf = InstructBlipForConditionalGeneration.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    qtok = AutoTokenizer.from_pretrained(folder, subfolder="qformer_tokenizer")
+    image = [tok.convert_tokens_to_ids(IMAGE_TOKEN)] * hf.config.num_query_tokens
+    rows = [image + tok(prompt).input_ids + tok(c, add_special_tokens=False).input_ids + [tok.eos_token_id]
+            for c in captions]  # fmt: skip
+    width, prefix = max(map(len, rows)), len(image + tok(prompt).input_ids)
+    with torch.no_grad():
+        return hf(
+            pixel_values=pixels,
+            input_ids=torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in rows]),
+            attention_mask=torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows]),
+            labels=torch.tensor([[-100] * prefix + r[prefix:] + [-100] * (width - len(r)) for r in rows]),
+            qformer_input_ids=torch.tensor([qtok(prompt).input_ids] * len(captions)),
+        ).loss
+
+
+def test_instructblip_loss_equals_transformers_forward_with_qformer_text(folders):
+    folder, captions = folders["tiny-instructblip"], ["a man is walking", "a dog runs"]
+    model = make(folder, num_frames=1, prompt="a video of", qformer_text_input=True)
+    assert model.flavour.name == "llama" and model.decoder_only and model.eos_token_id == 2
+    pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model.ce_loss(model.encode_frames(pixels[:, None]), captions)
+    theirs = _instructblip_loss(folder, pixels, "a video of", captions)
+    assert 2.0 < theirs.item() < 10.0
+    torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
+
+
+@torch.no_grad()
+def test_instructblip_qformer_reads_the_prompt_only_when_asked(folders):
+    folder = folders["tiny-instructblip"]
+    plain, reading = make(folder), make(folder, prompt="a video of", qformer_text_input=True)
+    assert plain.qformer_prompt_ids is None and reading.qformer_prompt_ids[0].item() == 2  # [CLS]
+    x = tokens()
+    assert plain.query_outputs(x).shape == reading.query_outputs(x).shape == (2, 8, 64)
+    assert not torch.allclose(plain.query_outputs(x), reading.query_outputs(x))
+    with pytest.raises(ValueError, match="InstructBLIP"):
+        make(folders["tiny-t5"], qformer_text_input=True)
+
+
+def test_instructblip_lora_targets_q_proj_v_proj_and_exports(folders, tmp_path):
+    model = make(folders["tiny-instructblip"], llm="lora")  # default targets `q`, `v`
+    lora = [n for n in model.trainable_state_dict() if ".lora_" in n]
+    assert len(lora) == 2 * 2 * 2 and {n.split(".lora_")[0].rsplit(".", 1)[-1] for n in lora} == {
+        "q_proj",
+        "v_proj",
+    }
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.trainable_state_dict().values():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    x, captions = tokens(), ["a man is walking", "a dog runs"]
+    with torch.no_grad():
+        expected = model.ce_loss(x, captions)
+    for merge in (False, True):
+        out = model.save_trained(tmp_path / f"export{merge}", merge_lora=merge)
+        again = VideoCaptioner.from_trained(out)
+        with torch.no_grad():
+            torch.testing.assert_close(again.ce_loss(x, captions), expected, atol=1e-5, rtol=1e-5)
+    merged = json.loads((tmp_path / "exportTrue/config.json").read_text())
+    assert merged["model_type"] == "instructblip"  # a plain InstructBLIP folder
+
+
+def test_a_cache_is_shared_by_checkpoints_with_the_same_vit(folders, tmp_path):
+    """The cache fingerprint hashes the ViT's weights, not the checkpoint: a BLIP-2 T5 and an
+    InstructBLIP holding the same vision tower describe the same cache; another ViT does not."""
+    from stages.extract import describe_vit, extract_fingerprint
+
+    donor = InstructBlipForConditionalGeneration.from_pretrained(folders["tiny-instructblip"])
+    t5_vit = VideoCaptioner.from_pretrained(
+        folders["tiny-t5"], ModelConfig(pretrained=folders["tiny-t5"])
+    ).blip
+    donor.vision_model.load_state_dict(t5_vit.vision_model.state_dict())
+    shared = tmp_path / "instructblip-with-t5-vit"
+    donor.save_pretrained(shared)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        (shared / name).write_bytes((Path(folders["tiny-instructblip"]) / name).read_bytes())
+
+    def fingerprint(folder):
+        config = config_from_dict(
+            {
+                "run": {"device": "cpu"},
+                "model": {"pretrained": str(folder), "num_frames": 2, "image_size": 32},
+            }
+        )
+        return extract_fingerprint(config, describe_vit(config))
+
+    assert fingerprint(folders["tiny-t5"]) == fingerprint(shared)
+    other = init_model(tmp_path / "other", "tiny-instructblip", seed=2)  # its own random ViT
+    assert fingerprint(folders["tiny-t5"])["vit_weights_sha256"] != fingerprint(other)["vit_weights_sha256"]
+
+
+# --------------------------------------------------------------------------------------------
+# Every stage, end to end, for the decoder-only flavours
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("preset", ["tiny-opt", "tiny-instructblip"])
+def test_extract_train_scst_eval_caption_run_end_to_end(tiny_world, tmp_path, preset):
+    from pipeline.demo.tinyworld import tiny_config
+    from run_pipeline import run_pipeline
+
+    model = init_model(tmp_path / preset, preset, vocab_from=tiny_world["annotations"], seed=0)
+    config = tiny_config(
+        tiny_world,
+        tmp_path / "run",
+        run={"stages": ["extract", "train", "scst", "eval", "caption"]},
+        model={"pretrained": str(model), "llm": "lora"},
+        cache={"path": str(tmp_path / "features.zarr")},
+        train={"epochs": 1},
+        scst={"max_steps": 2, "batch_size": 4, "samples": 2, "checkpoint_every": 1},
+        eval={"num_beams": 2, "metrics": ["Bleu", "CIDEr"], "min_new_tokens": None},
+        caption={"inputs": [tiny_world["videos"]], "num_beams": 1, "max_new_tokens": 6},
+    )
+    result = run_pipeline(config)
+    assert all(info["status"] == "ran" for info in result["stages"].values()), result["stages"]
+    summary = json.loads((tmp_path / "run/summary.json").read_text())
+    assert {"zero_shot", "ce", "scst"} <= set(summary["metrics"])
+    records = (tmp_path / "run/caption/captions.jsonl").read_text().splitlines()
+    assert records and all("caption" in json.loads(r) for r in records)
+    predictions = json.loads(next((tmp_path / "run/eval").rglob("predictions*.json")).read_text())
+    assert predictions and not any("\n" in str(c) for c in json.dumps(predictions).split('"'))
