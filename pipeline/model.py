@@ -602,6 +602,8 @@ class VideoCaptioner(nn.Module):
         finally:
             blip.language_model, blip.vision_model = lm, own_vision
         self.tokenizer.save_pretrained(str(out))
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(str(out / QFORMER_TOKENIZER_DIR))
 
     @classmethod
     def from_trained(

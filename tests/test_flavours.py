@@ -243,3 +243,39 @@ def test_extract_train_scst_eval_caption_run_end_to_end(tiny_world, tmp_path, pr
     assert records and all("caption" in json.loads(r) for r in records)
     predictions = json.loads(next((tmp_path / "run/eval").rglob("predictions*.json")).read_text())
     assert predictions and not any("\n" in str(c) for c in json.dumps(predictions).split('"'))
+
+
+# --------------------------------------------------------------------------------------------
+# Presets of the seed's configs
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize(
+    ("preset", "seed"),
+    [
+        # pretrained, prompt, frames, llm, epochs, global batch (per GPU x 8), lr, min_lr
+        ("msrvtt_vicuna7b_ce", ("Salesforce/instructblip-vicuna-7b", "", 8, "frozen", 20, 16 * 8, 1e-5, 0.0)),
+        ("msrvtt_opt67b_ce", ("Salesforce/blip2-opt-6.7b", "", 8, "frozen", 30, 64 * 8, 1e-6, 0.0)),
+    ],
+)
+def test_presets_hold_the_seed_configs_values(preset, seed):
+    from pipeline.config import load_config
+
+    config = load_config(ROOT / f"configs/{preset}.yaml")
+    m, t = config.model, config.train
+    assert (m.pretrained, m.prompt, m.num_frames, m.llm, t.epochs, t.batch_size, t.lr, t.min_lr) == seed
+    assert (t.warmup_steps, t.weight_decay, t.captions, config.run.seed) == (1000, 0.05, "all", 42)
+    assert not m.qformer_text_input and config.eval.min_new_tokens is None  # the flavour's seed rule
+    assert (config.eval.num_beams, config.eval.max_new_tokens, m.max_caption_tokens) == (5, 32, 32)
+
+
+def test_364px_preset_has_its_own_cache():
+    from pipeline.config import load_config
+
+    base, big = (
+        load_config(ROOT / f"configs/{name}.yaml") for name in ("msrvtt_t5xl_ce", "msrvtt_t5xl_ce_364px")
+    )
+    assert (base.model.image_size, big.model.image_size) == (224, 364)
+    assert base.cache_path != big.cache_path and base.output_dir != big.output_dir
