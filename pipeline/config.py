@@ -94,8 +94,8 @@ class ModelConfig:
     """BLIP-2 to start from: a Hugging Face hub id or a local folder."""
     num_frames: int = 8
     """Frames sampled per video (T)."""
-    image_size: int = 224
-    """Side of the square frames fed to the ViT."""
+    image_size: int = 0
+    """Side of the square frames fed to the ViT (0: the checkpoint's own, 224 for BLIP-2; larger interpolates positions)."""
     fusion: str = "concat"
     """How frame tokens reach the Q-Former: `concat` (T*L tokens) or `mean` (average over T)."""
     temporal_embeddings: bool = False
@@ -118,13 +118,23 @@ class ModelConfig:
     """Caption length limit in tokens for training targets."""
     dtype: str = "auto"
     """Compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."""
+    vit: str = "frozen"
+    """ViT training: `frozen` (what the feature cache stores) or `full` (paper Fig. 2a; needs `train.source: video`)."""
+    vit_lr_scale: float = 1.0
+    """Learning-rate multiplier of the ViT when `vit: full`."""
+    vit_grad_checkpointing: bool = True
+    """Recompute the trained ViT's activations in the backward pass (LAVIS `use_grad_checkpoint`): far less memory."""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("concat", "mean"))
         _check_choice("model.llm", self.llm, ("frozen", "lora", "full"))
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("model.vit", self.vit, ("frozen", "full"))
         _check_positive("model.num_frames", self.num_frames)
-        _check_positive("model.image_size", self.image_size)
+        if self.image_size < 0:
+            raise ConfigError(
+                f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
+            )
 
 
 @dataclass
@@ -307,6 +317,16 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # The feature cache holds a frozen ViT's tokens: a trained ViT must see the frames.
+        if self.model.vit != "frozen":
+            for key, value in (("train.source", self.train.source), ("eval.source", self.eval.source)):
+                if value == "cache":
+                    raise ConfigError(
+                        f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
+                        f"frozen ViT from the feature cache; set {key}: video"
+                    )
 
     @property
     def output_dir(self) -> Path:

@@ -136,18 +136,29 @@ class VideoCaptioner(nn.Module):
         self.num_query_tokens = config.num_query_tokens
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
-        self.tokens_per_frame = tokens_per_frame(model_cfg.image_size, self.patch_size)
+        self.image_size = model_cfg.image_size or config.vision_config.image_size  # 0: the checkpoint's own
+        self.tokens_per_frame = tokens_per_frame(self.image_size, self.patch_size)
         self.compute_dtype = compute_dtype(model_cfg, device)
         self.temporal_embeddings = (
             nn.Parameter(torch.zeros(model_cfg.num_frames, self.vision_width))
             if model_cfg.temporal_embeddings
             else None
         )  # (T, D), zero so the pretrained model is unchanged at step 0
+        self.vit_trainable = model_cfg.vit != "frozen"
+        if self.vit_trainable and blip.vision_model is None:
+            raise ValueError(
+                f"model.vit: {model_cfg.vit}: this model trains its ViT, so it reads frames, not cached "
+                "tokens (load it with its ViT: load_vision=True, train.source / eval.source: video)"
+            )
         self._prepare_tokens()
         self._place(device)
         if model_cfg.llm == "lora":
             self._add_lora(adapter_dir)
         self._set_trainable()
+        if self.vit_trainable and model_cfg.vit_grad_checkpointing:  # active in train mode only
+            blip.vision_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.train(False)
 
     # -----------------------------------------------------------------------------------
@@ -227,8 +238,11 @@ class VideoCaptioner(nn.Module):
         self.blip.language_model = get_peft_model(lm, lora)
 
     def _set_trainable(self) -> None:
-        """Q-Former, query tokens, projection, temporal embeddings; plus LoRA or the whole LLM."""
+        """Q-Former, query tokens, projection, temporal embeddings; plus LoRA or the whole LLM, and
+        the ViT when `model.vit: full`."""
         self.requires_grad_(False)
+        if self.vit_trainable:
+            self.blip.vision_model.requires_grad_(True)
         self.blip.qformer.requires_grad_(True)
         self.blip.query_tokens.requires_grad_(True)
         self.blip.language_projection.requires_grad_(True)
@@ -242,9 +256,14 @@ class VideoCaptioner(nn.Module):
 
     def train(self, mode: bool = True) -> VideoCaptioner:
         super().train(mode)
-        if self.blip.vision_model is not None:
+        if self.blip.vision_model is not None and not self.vit_trainable:
             self.blip.vision_model.eval()  # frozen, always in eval mode
         return self
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name fragment (`build_optimizer` applies them)."""
+        return {"blip.vision_model.": self.cfg.vit_lr_scale} if self.vit_trainable else {}
 
     # -----------------------------------------------------------------------------------
     # Frames -> query outputs
@@ -255,7 +274,8 @@ class VideoCaptioner(nn.Module):
         vit = self.blip.vision_model
         if vit is None:
             raise RuntimeError("this VideoCaptioner was loaded with load_vision=False: it has no ViT")
-        return run_vit(vit, pixel_values, self.blip.config.vision_config.image_size, self.compute_dtype)
+        grad = self.vit_trainable and self.training  # a trained ViT in training: tokens with gradient
+        return run_vit(vit, pixel_values, self.blip.config.vision_config.image_size, self.compute_dtype, grad)
 
     def fuse_frame_tokens(self, frame_tokens: Tensor) -> Tensor:
         """(B, T, L, D) -> (B, T*L, D) with frame 0 first (concat) or (B, L, D) (mean)."""
@@ -263,7 +283,7 @@ class VideoCaptioner(nn.Module):
         if width != self.vision_width or length != self.tokens_per_frame:
             raise ValueError(
                 f"frame tokens have L={length}, D={width}; this model expects L={self.tokens_per_frame} "
-                f"(image_size {self.cfg.image_size}, patch {self.patch_size}) and D={self.vision_width}"
+                f"(image_size {self.image_size}, patch {self.patch_size}) and D={self.vision_width}"
             )
         x = frame_tokens.to(self.device, torch.float32)  # the cache is float16; the Q-Former is fp32
         if self.temporal_embeddings is not None:
@@ -558,6 +578,7 @@ class VideoCaptioner(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         settings = dataclasses.asdict(self.cfg)
         settings["pretrained"] = self.pretrained
+        settings["image_size"] = self.image_size  # the size it was trained at, never "the checkpoint's"
         lora = self.cfg.llm == "lora" and not merge_lora
         if merge_lora:
             self._save_full_copy(out)

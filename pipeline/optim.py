@@ -104,9 +104,16 @@ def param_groups(
         skip = p.ndim < 2 or any(k in name.lower() for k in NO_DECAY_NAMES)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [
-        {"params": ps, "weight_decay": 0.0, "lr_scale": lr_scales[k]} for k, ps in scaled.items() if ps
-    ]
+    for key, params in scaled.items():  # weights decay in their own scaled group too (a trained ViT's)
+        named = {id(p): n for n, p in model.named_parameters()}
+        split = {True: [], False: []}
+        for p in params:
+            split[p.ndim >= 2 and not any(k in named[id(p)].lower() for k in NO_DECAY_NAMES)].append(p)
+        groups += [
+            {"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": lr_scales[key]}
+            for decays, ps in split.items()
+            if ps
+        ]
     return groups
 
 
@@ -133,7 +140,8 @@ class WarmupCosine:
 
 
 def build_optimizer(model: torch.nn.Module, settings: LoopSettings, total_steps: int) -> tuple[Any, Any]:
-    groups = param_groups(model, settings.weight_decay, {"temporal_embeddings": settings.temporal_lr_scale})
+    scales = {"temporal_embeddings": settings.temporal_lr_scale, **getattr(model, "lr_scales", {})}
+    groups = param_groups(model, settings.weight_decay, scales)  # model.lr_scales: e.g. a trained ViT's
     for group in groups:
         group["lr"] = settings.lr * group.pop("lr_scale", 1.0)  # LambdaLR scales every group alike
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}

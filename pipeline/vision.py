@@ -21,6 +21,7 @@ residual stream is half precision from the first block on).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -99,20 +100,38 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def frame_size(model_cfg: ModelConfig) -> int:
+    """Side of the frames fed to the ViT: `model.image_size`, or when 0 the checkpoint's own.
+
+    A ViT run at another size than it was trained at interpolates its position embeddings; the
+    default never does that silently (a model trained at 364 px runs at 364 px).
+    """
+    return model_cfg.image_size or checkpoint_image_size(str(model_cfg.pretrained))
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_image_size(pretrained: str) -> int:
+    """The image size a checkpoint's ViT was trained at (`vision_config.image_size` in config.json)."""
+    raw, _ = PretrainedConfig.get_config_dict(pretrained)
+    return int(raw.get("vision_config", {}).get("image_size", 224))  # 224: transformers' default
+
+
 def tokens_per_frame(image_size: int, patch_size: int) -> int:
     """ViT tokens per frame: the patches plus CLS (257 for EVA ViT-g at 224 px, patch 14)."""
     return (image_size // patch_size) ** 2 + 1
 
 
-@torch.no_grad()
-def run_vit(vit: nn.Module, pixel_values: Tensor, trained_size: int, dtype: torch.dtype | None) -> Tensor:
-    """(B, T, 3, S, S) normalised frames -> (B, T, L, D) ViT tokens (post-layernorm)."""
+def run_vit(
+    vit: nn.Module, pixel_values: Tensor, trained_size: int, dtype: torch.dtype | None, grad: bool = False
+) -> Tensor:
+    """(B, T, 3, S, S) normalised frames -> (B, T, L, D) ViT tokens (post-layernorm); with
+    `grad` (a ViT being trained, `model.vit: full`) the tokens carry gradients to its weights."""
     b, t = pixel_values.shape[:2]
     weight = vit.embeddings.patch_embedding.weight
     x = pixel_values.flatten(0, 1).to(weight.device, weight.dtype)
     # Frames larger than the ViT was trained on (e.g. 364 px): interpolate position embeddings.
     resize = x.shape[-1] != trained_size
-    with autocast(weight.device, dtype):
+    with torch.set_grad_enabled(grad), autocast(weight.device, dtype):
         tokens = vit(pixel_values=x, interpolate_pos_encoding=resize).last_hidden_state  # (B*T, L, D)
     return tokens.unflatten(0, (b, t))
 
@@ -186,7 +205,8 @@ class FrameEncoder(nn.Module):
         self.trained_size = config.vision_config.image_size
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
-        self.tokens_per_frame = tokens_per_frame(model_cfg.image_size, self.patch_size)
+        self.image_size = model_cfg.image_size or self.trained_size  # 0: the checkpoint's own
+        self.tokens_per_frame = tokens_per_frame(self.image_size, self.patch_size)
         self.compute_dtype = compute_dtype(model_cfg, device)
         self.precision = VIT_PRECISION[self.compute_dtype]  # fp32 weights; bf16 only inside autocast
         self.to(device)

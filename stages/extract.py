@@ -55,7 +55,7 @@ from pipeline.runtime.cluster import (
 from pipeline.runtime.stage import Stage, StageError, resolve_device
 from pipeline.sampling import VIEW_SCHEME, normalize_frames
 from pipeline.video import VideoDecodeError, load_clip
-from pipeline.vision import FrameEncoder
+from pipeline.vision import FrameEncoder, frame_size
 
 STORE_DTYPE = "float16"
 MAX_FAILURES_IN_SUMMARY = 50
@@ -128,7 +128,7 @@ def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_frame": vit["tokens_per_frame"],
         "width": vit["width"],
         "num_frames": config.model.num_frames,
-        "image_size": config.model.image_size,
+        "image_size": vit["image_size"],
         "sampling": VIEW_SCHEME,
         "views": 1 + config.cache.train_views,
         "seed": config.run.seed,
@@ -173,6 +173,7 @@ def describe_vit(config: Config) -> dict[str, Any]:
     return {
         "weights_sha256": worker_cached(key, lambda: hash_weights(model.vision_model)),
         "tokens_per_frame": int(model.tokens_per_frame),
+        "image_size": int(model.image_size),
         "width": int(model.vision_width),
         "device": device,
         "dtype": dtype,
@@ -298,7 +299,7 @@ def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float]:
             frames = load_clip(
                 path,
                 config.model.num_frames,
-                config.model.image_size,
+                frame_size(config.model),
                 view=view,
                 seed=config.run.seed,
                 video_id=video_id,
