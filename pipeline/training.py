@@ -493,6 +493,7 @@ def build_job(
         settings.captions,
         num_views=source.num_views,
         global_batch=settings.batch_size,
+        fresh_views=source.fresh_views,
     )
     validation = Validation(
         val_ids,
