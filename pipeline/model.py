@@ -9,9 +9,9 @@ Everything is a submodule of transformers' `Blip2ForConditionalGeneration` (or, 
 InstructBLIP checkpoint, `InstructBlipForConditionalGeneration`: same children, a Q-Former that
 can also read the instruction); this file only adds frame fusion, temporal embeddings, LoRA, and
 calls the language model directly with `inputs_embeds` (bypassing transformers 5's
-image-placeholder-token mechanism). What differs between language models is data in `FLAVOURS`
-(one row per LM: T5, OPT, LLaMA/Vicuna); the code that applies it and every transformers-version
-detail live in one section below, "Flavour- and version-sensitive details".
+image-placeholder-token mechanism). What differs between language models is data in
+`pipeline.flavours.FLAVOURS` (one row per LM: T5, OPT, LLaMA/Vicuna); the code that applies it and
+every transformers-version detail live in one section below, "Flavour- and version-sensitive details".
 
 Export format (`save_trained` / `from_trained`), one folder:
 * `video_model.json`: the base `pretrained` reference and every `ModelConfig` setting;
@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from pipeline.config import ModelConfig
+from pipeline.flavours import FLAVOURS, Flavour, flavour_of  # noqa: F401 (FLAVOURS, Flavour: re-exported)
 from pipeline.vision import ARCHITECTURES, architecture, autocast, compute_dtype, run_vit, tokens_per_frame
 
 EXPORT_FILE = "video_model.json"
@@ -51,53 +52,6 @@ EXPORT_FORMAT = 1
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a model vidcap wrote (`save_trained`: a checkpoint's best/ or an export)."""
     return (Path(folder) / EXPORT_FILE).is_file()
-
-
-# ModelConfig's LoRA targets are written T5-style (`q`, `v`) by default; OPT and LLaMA name the
-# same projections `q_proj`, `v_proj`, ... Names are mapped to the flavour at hand; names not in a
-# flavour's table are used as given.
-_OPT_LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
-_T5_LORA_NAMES = {v: k for k, v in _OPT_LORA_NAMES.items()} | {"o_proj": "o"}
-_LLAMA_LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj", "out_proj": "o_proj"}
-
-
-@dataclass(frozen=True)
-class Flavour:
-    """How one kind of language model is driven, as LAVIS's blip2_t5 / blip2_opt / blip2_vicuna_instruct."""
-
-    name: str
-    decoder_only: bool
-    """Decoder-only: [queries ; prompt ; caption] is one sequence; else queries and prompt feed the encoder."""
-    terminator: str | None
-    """Text ending every training target and used as the EOS of generation (None: the tokenizer's EOS)."""
-    seed_prompt: str
-    """`model.prompt` when unset: the seed configs' prompt for this LM."""
-    seed_min_new_tokens: int
-    """`min_new_tokens` when unset: the seed's `min_length=5` counted as LAVIS's generate counts it."""
-    space_before_caption: bool
-    """Byte-level BPE marks word starts with a space: a caption after a non-empty prompt starts with one."""
-    lora_names: dict[str, str]
-    """LoRA target names as written in `model.lora_target_modules` -> this LM's module names."""
-
-
-FLAVOURS: dict[str, Flavour] = {
-    # T5's decoder sequence starts with the decoder start token, which min_length counts: 4 new tokens.
-    "t5": Flavour("t5", False, None, "a video of", 4, False, _T5_LORA_NAMES),
-    # BLIP-2/LAVIS OPT: captions end with a newline (id 50118 in OPT's tokenizer), also the EOS.
-    "opt": Flavour("opt", True, "\n", "", 5, True, _OPT_LORA_NAMES),
-    # Vicuna (LLaMA) in InstructBLIP: `</s>` ends targets; SentencePiece adds its own word prefix.
-    "llama": Flavour("llama", True, None, "", 5, False, _LLAMA_LORA_NAMES),
-}
-
-
-def flavour_of(text_model_type: str) -> Flavour:
-    """The flavour of a checkpoint's language model (`config.text_config.model_type`)."""
-    if text_model_type not in FLAVOURS:
-        raise ValueError(
-            f"language model {text_model_type!r} has no flavour in pipeline.model.FLAVOURS "
-            f"(known: {', '.join(FLAVOURS)})"
-        )
-    return FLAVOURS[text_model_type]
 
 
 @dataclass
