@@ -5,7 +5,7 @@
 
 The model is built on the meta device (shapes only). Per trainable parameter: fp32 weight (4 B) +
 fp32 gradient (4 B) + AdamW's two fp32 moments (8 B) = 16 B; frozen parameters are stored in bf16
-(2 B). The ViT is absent when training from the cache (`train.source: cache`). "replicated" is what
+(2 B), except the ViT (fp32 weights under bf16 autocast: 4 B). The ViT is absent when training from the cache (`train.source: cache`). "replicated" is what
 DDP holds on every GPU; "sharded" divides the trainable state over the GPUs (FSDP-style, frozen
 weights replicated), which vidcap does not implement yet. Activations, the CUDA
 context and allocator slack come on top and depend on batch, frames and checkpointing.
@@ -21,6 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 GB = 1e9
 TRAINED_BYTES, FROZEN_BYTES = 16, 2
+VIT_BYTES = 4  # a frozen ViT keeps fp32 weights under bf16 autocast (pipeline.vision's precision rule)
 
 
 def counts(preset: str, lora_r: int, lora_targets: tuple[str, ...]) -> dict[str, int]:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     }
     for source, vit in (("cache", 0), ("video", n["vit"])):
         for name, (trained, frozen) in rows.items():
-            frozen_gb = (frozen + vit) * FROZEN_BYTES / GB
+            frozen_gb = (frozen * FROZEN_BYTES + vit * VIT_BYTES) / GB
             replicated = trained * TRAINED_BYTES / GB + frozen_gb  # DDP: every GPU holds everything
             sharded = "  ".join(
                 f"{gpus}: {trained * TRAINED_BYTES / gpus / GB + frozen_gb:6.1f} GB" for gpus in args.gpus
