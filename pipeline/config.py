@@ -46,9 +46,12 @@ class RunConfig:
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
     demo_videos: int = 600
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
+    sharding: str = "none"
+    """Under torchrun: `none` (DDP: every process holds the whole model) or `fsdp` (weights, gradients, optimizer state sharded: `llm: full` of a 7B LM)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
+        _check_choice("run.sharding", self.sharding, ("none", "fsdp"))
         for stage in self.stages:
             if stage not in STAGES:
                 raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
