@@ -198,6 +198,8 @@ class OptimArgs:
     """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+    select: str = "cider"
+    """Best checkpoint by `cider` (greedy CIDEr-D on val; cheap) or `beam_cider_bleu4` (eval's beams, CIDEr-D + BLEU-4: LAVIS)."""
 
     def key(self, name: str) -> str:
         """The dotted config key of field `name`, for messages."""
@@ -205,6 +207,7 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_choice(self.key("select"), self.select, ("cider", "beam_cider_bleu4"))
         _check_positive(self.key("batch_size"), self.batch_size)
         _check_positive(self.key("grad_accum"), self.grad_accum)
         for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
@@ -419,7 +422,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
-        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "train.select",
+        "eval.num_beams",  # validation with `train.select: beam_cider_bleu4` uses eval's beams
+        "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
     ),

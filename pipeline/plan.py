@@ -172,7 +172,9 @@ def precision(config: Config) -> dict[str, str]:
 
 def _generation(config: Config, stage: str) -> dict[str, Any]:
     lengths = {"max_new_tokens": config.eval.max_new_tokens, "min_new_tokens": config.eval.min_new_tokens}
-    generation: dict[str, Any] = {"validation": {"num_beams": 1, **lengths}}
+    select = getattr(config, stage).select
+    beams = config.eval.num_beams if select == "beam_cider_bleu4" else 1
+    generation: dict[str, Any] = {"validation": {"num_beams": beams, "select": select, **lengths}}
     generation["eval"] = {"num_beams": config.eval.num_beams, **lengths}
     if stage == "scst":
         s = config.scst
@@ -286,7 +288,12 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
     )
     gen = p.generation
     lengths = f"{gen['eval']['min_new_tokens']}..{gen['eval']['max_new_tokens']} new tokens"
-    generation = f"prompt {p.prompt!r}; validation greedy, eval {gen['eval']['num_beams']} beams; {lengths}"
+    val = gen["validation"]
+    best_by = "CIDEr-D + BLEU-4" if val["select"] == "beam_cider_bleu4" else "CIDEr-D"
+    generation = (
+        f"prompt {p.prompt!r}; validation {val['num_beams']} beam(s), best by {best_by}; "
+        f"eval {gen['eval']['num_beams']} beams; {lengths}"
+    )
     if "samples" in gen:
         s = gen["samples"]
         generation += f"; SCST {s['k']} samples, {s['baseline']} baseline, up to {s['max_new_tokens']} tokens"

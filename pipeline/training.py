@@ -15,12 +15,11 @@ so CE and SCST differ only in that function. Everything else is shared, once:
 * Checkpoints (`pipeline.checkpoints`) every `checkpoint_every` steps and at each validation.
   A re-run resumes from the latest, also in the middle of an epoch, and, on CPU, reproduces the
   uninterrupted run bit for bit (the data plan is a function of (seed, epoch), RNG states are restored).
-* Validation at the start and every `val_every` steps (an "inner epoch"), else after each epoch:
-  greedy captions for the validation videos, scored with CIDEr-D (document frequencies of the
-  validation references, like coco-caption). Greedy and not the beam search of `eval`: several
-  times cheaper, and it ranks checkpoints the same way in practice; `eval` reports the beam-search
-  numbers. The best model is kept in `<stage>/best/` in `VideoCaptioner.save_trained` format,
-  with `best/val_score.json`.
+* Validation at the start and every `val_every` steps (an "inner epoch"), else after each epoch,
+  scored against the validation references (document frequencies of those references, like
+  coco-caption). `select: cider`: greedy captions, CIDEr-D (cheap); `beam_cider_bleu4`: `eval`'s
+  beam search, CIDEr-D + BLEU-4 (LAVIS's choice). The best model is kept in `<stage>/best/` in
+  `VideoCaptioner.save_trained` format, with its scores in `best/val_score.json`.
 * Logs (`pipeline.runtime.runlog`): `metrics.jsonl`, TensorBoard events when tensorboard is
   installed, and `curves.png`.
 """
@@ -38,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pycocoevalcap.bleu.bleu import Bleu
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pipeline.annotations import load_manifest
@@ -89,6 +89,9 @@ class Validation:
     batch_size: int = 16
     max_new_tokens: int = 32
     min_new_tokens: int = 5
+    num_beams: int = 1
+    select: str = "cider"
+    """`cider`: CIDEr-D; `beam_cider_bleu4`: CIDEr-D + BLEU-4 (LAVIS's `agg_metrics`), with `num_beams`."""
 
 
 @torch.no_grad()
@@ -107,9 +110,14 @@ def generate_captions(
     return captions
 
 
-def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[float, dict[str, str]]:
-    """Greedy captions of the validation videos (sharded over ranks) and their CIDEr-D (rank 0's)."""
+def validate(
+    model: Any, source: Any, val: Validation, env: DistEnv
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Captions of the validation videos (sharded over ranks) and their scores (rank 0's, shared).
 
+    Scores: `val_cider` (CIDEr-D), with `select: beam_cider_bleu4` also `val_bleu4`, and `val_score`,
+    the number the best checkpoint is chosen by.
+    """
     was_training = model.training
     model.eval()
     mine = generate_captions(
@@ -118,7 +126,7 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
         val.video_ids[env.rank :: env.world_size],
         val.batch_size,
         env.device,
-        num_beams=1,
+        num_beams=val.num_beams,
         max_new_tokens=val.max_new_tokens,
         min_new_tokens=val.min_new_tokens,
     )
@@ -126,12 +134,16 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
     predictions: dict[str, str] = {}
     for part in gather(env, mine):
         predictions.update(part)
-    score = 0.0
+    scores = {"val_cider": 0.0}
     if env.master_process and predictions:
         gts = {v: [simple_tokenize(c) for c in val.references[v]] for v in predictions}
         res = {v: [simple_tokenize(c)] for v, c in predictions.items()}
-        score, _ = CiderD().compute_score(gts, res)  # parity mode: df of these references, as coco-caption
-    return float(broadcast(env, score)), predictions
+        scores["val_cider"] = float(CiderD().compute_score(gts, res)[0])  # df of these references, as coco
+        if val.select == "beam_cider_bleu4":
+            scores["val_bleu4"] = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    scores = broadcast(env, scores)
+    scores["val_score"] = scores["val_cider"] + scores.get("val_bleu4", 0.0)
+    return scores, predictions
 
 
 # ---------------------------------------------------------------------------------------
@@ -310,23 +322,24 @@ class _Loop:
     def validate_and_keep_best(self, round_: int, trained: bool) -> None:
         """Validate, keep the best in `best/`, log, plot; round 0 is the starting model."""
         state, started = self.state, time.time()
-        cider, predictions = validate(self.model, self.job.source, self.job.validation, self.env)
-        state.last_cider = cider
+        scores, predictions = validate(self.model, self.job.source, self.job.validation, self.env)
+        cider = state.last_cider = scores["val_cider"]
         if round_ == 0:
             state.start_cider = cider
-        improved = (trained or self.job.start_is_candidate) and cider > state.best_cider
+        improved = (trained or self.job.start_is_candidate) and scores["val_score"] > state.best_score
         if improved:
-            state.best_cider, state.best_epoch, state.best_step = cider, round_, state.global_step
-            self._save_best({"val_cider": cider, "epoch": round_, "step": state.global_step})
+            state.best_cider, state.best_score = cider, scores["val_score"]
+            state.best_epoch, state.best_step = round_, state.global_step
+            self._save_best({**scores, "epoch": round_, "step": state.global_step})
         train_loss = state.epoch_loss_sum / state.epoch_loss_steps if state.epoch_loss_steps else None
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-        state.history.append({"epoch": round_, "step": state.global_step, "val_cider": cider})
+        state.history.append({"epoch": round_, "step": state.global_step, **scores})
         self.metrics.write(
             {
                 "kind": "epoch",
                 "epoch": round_,
                 "step": state.global_step,
-                "val_cider": cider,
+                **scores,
                 "train_loss": train_loss,
                 "best": improved,
                 "val_seconds": round(time.time() - started, 2),
@@ -356,6 +369,7 @@ class _Loop:
         state, steps_per_epoch = self.state, self.plan.steps_per_epoch
         return {
             "best_val_cider": state.best_cider,
+            "select": self.settings.select,
             "best_epoch": state.best_epoch,
             "best_step": state.best_step,
             "start_val_cider": state.start_cider,
@@ -501,6 +515,8 @@ def build_job(
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         min_new_tokens=config.eval.min_new_tokens,
+        num_beams=config.eval.num_beams if settings.select == "beam_cider_bleu4" else 1,
+        select=settings.select,
     )
     return Job(
         plan,

@@ -87,6 +87,8 @@ def test_each_preset_trains_the_seed_recipe_except_the_named_differences(preset,
     assert stage_plan.lr["10%"] <= ours["lr"] and stage_plan.lr["50%"] < stage_plan.lr["10%"]
     # generation as the seed: 5 beams, 5..32 tokens
     assert stage_plan.generation["eval"] == {"num_beams": 5, "max_new_tokens": 32, "min_new_tokens": 5}
+    assert stage_plan.generation["validation"]["num_beams"] == 5  # best checkpoint as LAVIS: beam search
+    assert stage_plan.generation["validation"]["select"] == "beam_cider_bleu4"
     assert stage_plan.trainable.startswith("unknown")  # hub ids, not downloaded here
 
 
