@@ -383,3 +383,14 @@ def test_best_checkpoint_by_beam_search_cider_plus_bleu4(tiny_world, tmp_path):
         assert 0 <= r["val_bleu4"] <= 1 and r["val_score"] == pytest.approx(r["val_cider"] + r["val_bleu4"])
     best = json.loads((out / "best/val_score.json").read_text())
     assert best["val_score"] == rounds[1]["val_score"] and best["val_cider"] == summary["best_val_cider"]
+
+
+def test_lavis_weight_decay_reaches_query_tokens_and_embeddings(tiny_world):
+    """`no_decay: [bias, norm]` (the presets, as LAVIS): every >= 2-d weight decays but norms."""
+    model = _model(tiny_world, temporal_embeddings=True)
+    decay, no_decay = param_groups(model, 0.05, no_decay_names=("bias", "norm"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    assert {"blip.query_tokens", "temporal_embeddings"} <= decayed
+    assert all(p.ndim >= 2 and "norm" not in names[id(p)].lower() for p in decay["params"])
+    assert all(p.ndim < 2 or "norm" in names[id(p)].lower() for p in no_decay["params"]) and skipped
