@@ -195,24 +195,15 @@ def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
         disable=not job.env.master_process,
     ):
         loop.optimizer_step(step)
-        validate_now = (
-            loop.state.global_step % loop.val_every == 0 or loop.state.global_step == loop.total_steps
-        )
-        checkpoint_now = validate_now or loop.state.global_step % job.settings.checkpoint_every == 0
-        if loop.state.global_step % job.settings.log_every == 0 or checkpoint_now:
+        done = loop.state.global_step
+        validate_now = done % loop.val_every == 0 or done == loop.total_steps
+        checkpoint_now = validate_now or done % job.settings.checkpoint_every == 0
+        if done % job.settings.log_every == 0 or checkpoint_now:
             loop.log_window(step)
         if validate_now:
-            loop.validate_and_keep_best(math.ceil(loop.state.global_step / loop.val_every), trained=True)
+            loop.validate_and_keep_best(math.ceil(done / loop.val_every), trained=True)
         if checkpoint_now:
-            save_checkpoint(
-                job.stage_dir,
-                model,
-                loop.optimizer,
-                loop.scheduler,
-                loop.state,
-                job.env,
-                loop.checkpoint_meta,
-            )
+            loop.save_checkpoint()
     model.eval()
     loop.metrics.close()
     barrier(job.env)
@@ -228,7 +219,7 @@ class _Loop:
 
     def __init__(self, model: Any, objective: Objective, job: Job):
         self.model, self.job, self.env, self.settings, self.plan = model, job, job.env, job.settings, job.plan
-        micro_batch, self.grad_accum = self.settings.accumulation(self.env.world_size)
+        _, self.grad_accum = self.settings.accumulation(self.env.world_size)  # an error names the keys
         self.sharding = Sharding(
             self.settings.batch_size, self.env.world_size, self.env.rank, self.grad_accum
         )
@@ -261,10 +252,8 @@ class _Loop:
             self.job.log.info(
                 "resuming from %s (step %d of %d)", resumed, self.state.global_step, self.total_steps
             )
-        else:
-            seed_everything(
-                self.settings.seed + self.env.rank
-            )  # independent of what building the model consumed
+        else:  # a seed independent of what building the model consumed
+            seed_everything(self.settings.seed + self.env.rank)
         first = self.state.global_step if resumed else None
         self.metrics = MetricsLog(self.job.stage_dir, self.env.master_process, first)
 
@@ -357,6 +346,11 @@ class _Loop:
             loss_text,
         )
         self.metrics.plot()
+
+    def save_checkpoint(self) -> None:
+        """Every rank calls it (their RNG states are gathered); rank 0 writes."""
+        args = (self.optimizer, self.scheduler, self.state, self.env, self.checkpoint_meta)
+        save_checkpoint(self.job.stage_dir, self.model, *args)
 
     def _save_best(self, score: dict[str, Any]) -> None:
         if self.env.master_process:
