@@ -377,6 +377,41 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
 
+    def with_absolute_paths(self) -> Config:
+        """This config with every file path absolute against the current directory, and a local
+        model folder absolute (a hub id stays as written).
+
+        What stages send to Dask workers: a worker started in another directory would resolve a
+        relative path against its own, and take a relative model folder for a hub id.
+        """
+        replace = dataclasses.replace
+        data = self.data
+        return replace(
+            self,
+            run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
+            data=replace(
+                data, annotations=absolute_path(data.annotations), video_root=absolute_path(data.video_root)
+            ),
+            model=replace(self.model, pretrained=model_location(self.model.pretrained)),
+            cache=replace(self.cache, path=absolute_path(self.cache.path)),
+            caption=replace(
+                self.caption,
+                inputs=[absolute_path(i) for i in self.caption.inputs],
+                model=model_location(self.caption.model),
+                out=absolute_path(self.caption.out),
+            ),
+        )
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the current directory (`~` expanded); "" stays ""."""
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
+def model_location(name: str) -> str:
+    """A model folder that exists here, as an absolute path; anything else (a hub id, "") as given."""
+    return absolute_path(name) if name and Path(name).expanduser().exists() else name
+
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
 
