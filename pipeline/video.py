@@ -1,18 +1,41 @@
 """Video files in and out: probe, decode chosen frames, load one view of a clip, write test videos.
 
-Two decoders sit behind one interface (`backend=`):
+The decoding contract, the same whatever the backend:
 
-* `decord`: `VideoReader(...).get_batch(indices)`, fast random access. It is unmaintained
-  and can crash or hang on garbage, so every file first passes a cheap PyAV header probe
-  (exists, not empty, has a video stream, is not a still image) before decord sees it.
-* `pyav`: FFmpeg from PyAV's wheel, maintained. Frames are decoded in order and the
-  wanted ones kept. Containers often store no frame count (`stream.frames` is 0 for
-  Matroska/WebM) or a wrong one (the header of a truncated AVI), so the count comes from
-  demuxing the packets, which is what decord's index does too. There is no seeking: a
-  frame late in a long video costs decoding everything before it.
+* **Stream**: the container's best video stream (FFmpeg's `av_find_best_stream`), the same one
+  for probing and decoding, so a file with two video streams is never described by one and
+  decoded from the other.
+* **Frames and times**: a video is its frames in presentation order, each with its
+  presentation time (pts, seconds after the first frame). Count and times come from
+  demuxing the stream's packets, not from the header, which often has no frame count
+  (Matroska/WebM) or a wrong one (a cut AVI). Frame `i` is the i-th frame in that order. The
+  duration is the last frame's pts plus that frame's duration, so a variable-frame-rate
+  video has its true length; `fps` is the average, num_frames / duration.
+* **Sampling in time**: the duration is cut into `num_frames` (n) equal slots; sampling picks
+  slots (`sample_frame_indices`) and each slot gets the frame on screen at the slot's middle.
+  At a constant frame rate slot i is frame i, exactly the old index-based sampling; at a
+  variable one, uniform sampling is uniform in time. Time windows (`start_sec`, `end_sec`)
+  are cut in the same slots.
+* **Rotation**: the display matrix (phone videos) is applied, in multiples of 90 degrees;
+  `width` and `height` are as displayed.
+* **Colour**: FFmpeg's swscale converts to RGB with the frame's own colour matrix and range.
 
-Both return the same RGB frames for the same indices. Frame `i` is the i-th frame in
-presentation order; a time `t` maps to frame `floor(t * fps)` (constant frame rate assumed).
+Backends (`backend=`):
+
+* `pyav` (the default and the reference): FFmpeg from PyAV's wheel, frames decoded in order
+  and the wanted ones kept. Each decoded frame is recognised by its pts, so a packet that
+  fails to decode (a corrupt start) loses only its own frames; a wanted frame that never
+  decodes is a `VideoDecodeError` naming its time. AVI stores no presentation times: there the
+  k-th decoded frame is frame k, and any decode error refuses the file.
+* `decord`: random access by seeking, exact only where seeking is. It is used on a file only
+  when every check passes: one video stream; H.264/HEVC whose keyframes are all IDR (open-GOP
+  keyframes make decord land on the wrong frame), VP8/VP9, or MPEG-4 without B-frames; real
+  presentation times (not AVI); 8-bit 4:2:0 with the BT.601 or an untagged colour matrix
+  (elsewhere its colours differ from FFmpeg's); and, once open, decord's frame count, the
+  timestamps of the requested frames and the frame size equal the probe's. Otherwise, or when
+  decord fails, the frames come from `pyav` and the reason is appended to `fallbacks` (the
+  `extract` and `caption` summaries count them under `decode_fallbacks`), never silently.
+
 Any failure to read a video raises `VideoDecodeError` naming the file and the reason, so a
 stage can record the video as failed and go on.
 """
@@ -22,7 +45,7 @@ from __future__ import annotations
 import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 
@@ -33,18 +56,34 @@ from PIL import Image
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import random_resized_crop_params, sample_frame_indices, view_rng
 
-BACKENDS = ("decord", "pyav")
+BACKENDS = ("pyav", "decord")
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4", ".mkv": "libx264"}
+
+# Where decord's seeking and colours were checked exact against the `pyav` path (tests/test_decode_zoo.py).
+DECORD_CODECS = ("h264", "hevc", "vp8", "vp9", "mpeg4")
+DECORD_PIX_FMTS = ("yuv420p", "yuvj420p")
+DECORD_COLORSPACES = (2, 5, 6)  # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M: both use BT.601
+IDR_NAL_TYPES = {"h264": (5,), "hevc": (19, 20)}  # keyframes a decoder can start from exactly
+NO_PTS_FORMATS = ("avi",)  # containers whose packet times are decode times, not presentation times
+TIME_TOLERANCE = 1e-3  # seconds: decord's float32 timestamps vs ours
 
 
 @dataclass(frozen=True)
 class VideoInfo:
     num_frames: int
     fps: float
+    """Average frame rate, num_frames / duration."""
     width: int
     height: int
+    """Frame size as displayed (after rotation)."""
     duration: float
-    """Seconds: num_frames / fps when the frame rate is known, else the container's duration."""
+    """Seconds: the last frame's presentation time plus its duration."""
+    rotation: int = 0
+    """Degrees counter-clockwise the display matrix turns the picture: 0, 90, 180 or 270."""
+    codec: str = ""
+    pix_fmt: str = ""
+    variable_rate: bool = False
+    """Frame intervals differ by more than 5%: index/fps would not be the time."""
 
 
 # ---------------------------------------------------------------------------------------
@@ -52,25 +91,44 @@ class VideoInfo:
 # ---------------------------------------------------------------------------------------
 
 
-def probe_video(path: str | Path, backend: str = "decord") -> VideoInfo:
-    """Frame count, frame rate, size and duration of a video, as the chosen backend sees it."""
-    with _open_video(path, backend, threads=1) as video:
-        return video.info
+def probe_video(path: str | Path, backend: str = "pyav") -> VideoInfo:
+    """Frame count, frame rate, displayed size, rotation and duration of a video (the same for
+    every backend: they decode the same stream under the same contract)."""
+    _check_backend(backend)
+    return _probe(Path(path)).info
+
+
+def frame_times(path: str | Path) -> np.ndarray:
+    """Presentation time (seconds after the first frame) of every frame, in order: float64 (N,)."""
+    return _probe(Path(path)).times.copy()
+
+
+def frames_at(times: np.ndarray, at: Sequence[float] | np.ndarray) -> np.ndarray:
+    """Index of the frame on screen at each time in `at`, given the frames' `times` (from
+    `frame_times`): the last frame whose time is <= t (frame 0 before the first)."""
+    at = np.asarray(at, dtype=np.float64)
+    return np.clip(np.searchsorted(times, at + 1e-9, side="right") - 1, 0, len(times) - 1).astype(np.int64)
 
 
 def decode_frames(
-    path: str | Path, indices: Sequence[int] | np.ndarray, backend: str = "decord", threads: int = 0
+    path: str | Path,
+    indices: Sequence[int] | np.ndarray,
+    backend: str = "pyav",
+    threads: int = 0,
+    fallbacks: list[str] | None = None,
 ) -> np.ndarray:
-    """Decode the frames at `indices` (any order, repeats allowed): uint8 RGB (len(indices), H, W, 3).
+    """Decode frames `indices` (presentation order; any order, repeats allowed): uint8 RGB
+    (len(indices), H, W, 3) at the displayed size.
 
-    Frames keep their native resolution. `threads` is the decoder's thread count (0: automatic).
-    An index past the last decodable frame raises `VideoDecodeError`.
+    `threads` is the decoder's thread count (0: automatic). An index past the last frame
+    raises `VideoDecodeError`. When `backend="decord"` cannot be trusted on this file the
+    frames come from `pyav` and the reason is appended to `fallbacks`.
     """
+    _check_backend(backend)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if indices.size and indices.min() < 0:
         raise ValueError(f"frame indices must be >= 0, got {indices.min()}")
-    with _open_video(path, backend, threads) as video:
-        return _gather(video, indices)
+    return _gather(_probe(Path(path)), indices, backend, threads, fallbacks)
 
 
 def load_clip(
@@ -80,21 +138,22 @@ def load_clip(
     view: int = 0,
     seed: int = 0,
     video_id: str = "",
-    backend: str = "decord",
+    backend: str = "pyav",
     threads: int = 0,
     start_sec: float | None = None,
     end_sec: float | None = None,
+    fallbacks: list[str] | None = None,
 ) -> np.ndarray:
     """One view of a video as uint8 RGB frames (num_frames, image_size, image_size, 3).
 
-    View 0 (evaluation): `uniform` frame indices, each whole frame resized to S x S with
+    View 0 (evaluation): `uniform` time slots, each whole frame resized to S x S with
     bicubic interpolation, no crop (as BLIP-2's image processor does).
-    View v >= 1 (training): `headtail` indices, then one random resized crop (scale
+    View v >= 1 (training): `headtail` slots, then one random resized crop (scale
     0.5-1.0) and one horizontal flip (p=0.5) shared by all frames, then resize to S x S.
-    Its randomness is `view_rng(seed, video_id, view)`, drawn in this order: indices, crop,
+    Its randomness is `view_rng(seed, video_id, view)`, drawn in this order: slots, crop,
     flip; so the same arguments give the same clip everywhere.
 
-    `start_sec` / `end_sec` restrict sampling to the frames shown in [start_sec, end_sec);
+    `start_sec` / `end_sec` restrict sampling to the slots in [start_sec, end_sec);
     always exactly `num_frames` frames come back (short spans repeat frames).
     """
     return load_views(
@@ -108,6 +167,7 @@ def load_clip(
         threads=threads,
         start_sec=start_sec,
         end_sec=end_sec,
+        fallbacks=fallbacks,
     )[0]
 
 
@@ -118,24 +178,26 @@ def load_views(
     views: Sequence[int] = (0,),
     seed: int = 0,
     video_id: str = "",
-    backend: str = "decord",
+    backend: str = "pyav",
     threads: int = 0,
     start_sec: float | None = None,
     end_sec: float | None = None,
+    fallbacks: list[str] | None = None,
 ) -> np.ndarray:
     """Several views of one video, uint8 (V, T, S, S, 3): `load_clip` of each view, but the
-    video is opened once and every frame that any view needs is decoded once."""
+    video is probed once and every frame that any view needs is decoded once."""
+    _check_backend(backend)
     if len(views) == 0 or min(views) < 0:
         raise ValueError(f"views must be a non-empty list of integers >= 0, got {list(views)}")
     rngs = [view_rng(seed, video_id, view) if view > 0 else None for view in views]
-    with _open_video(path, backend, threads) as video:
-        first, stop = _window(video, start_sec, end_sec)
-        indices = []  # V x (T,)
-        for rng in rngs:
-            mode = "uniform" if rng is None else "headtail"
-            indices.append(first + sample_frame_indices(stop - first, num_frames, mode, rng))
-        unique, inverse = np.unique(np.concatenate(indices), return_inverse=True)
-        frames = _gather(video, unique)  # (U, H, W, 3)
+    index = _probe(Path(path))
+    first, stop = _window(index, start_sec, end_sec)  # slots
+    wanted = []  # V x (T,) frame indices
+    for rng in rngs:
+        mode = "uniform" if rng is None else "headtail"
+        wanted.append(index.slot_frames(first + sample_frame_indices(stop - first, num_frames, mode, rng)))
+    unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
+    frames = _gather(index, unique, backend, threads, fallbacks)  # (U, H, W, 3)
     rows = inverse.reshape(len(views), num_frames)  # (V, T) positions in `frames`
     return np.stack([_augment(frames, row, image_size, rng) for row, rng in zip(rows, rngs, strict=True)])
 
@@ -177,137 +239,296 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str
 
 
 # ---------------------------------------------------------------------------------------
-# Backends
+# The probe: one demux of the best video stream
 # ---------------------------------------------------------------------------------------
 
 
 @dataclass
-class _Header:
-    """What PyAV reads from the container header alone, without decoding."""
+class _Index:
+    """What the probe learns about a file: the frame timeline and how to decode it."""
 
-    width: int
-    height: int
-    fps: float
-    duration: float
+    path: Path
+    info: VideoInfo
+    times: np.ndarray  # (N,) float64 seconds after the first frame, non-decreasing
+    pts: list[int] | None  # stream pts of each frame in order; None: frames are matched by count
+    stream: int  # index of the decoded stream in the container
+    coded: tuple[int, int]  # (height, width) as decoded, before rotation
+    decord_refusal: str  # why decord is not exact on this file; "" when it may be used
+    slot_width: float = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.slot_width = self.info.duration / self.info.num_frames
+
+    def slot_frames(self, slots: np.ndarray) -> np.ndarray:
+        """The frame on screen at the middle of each time slot."""
+        return frames_at(self.times, (np.asarray(slots) + 0.5) * self.slot_width)
 
 
-class _DecordVideo:
-    def __init__(self, path: Path, header: _Header, threads: int) -> None:
-        try:
-            from decord import VideoReader, cpu
-        except ImportError as e:
-            raise ImportError(
-                "decord is not installed (wheels exist for x86-64 only): use backend 'pyav'"
-            ) from e
-
-        self.path, self.header = path, header
-        try:
-            self.reader = VideoReader(str(path), ctx=cpu(0), num_threads=threads)
-            num_frames, fps = len(self.reader), float(self.reader.get_avg_fps())
-        except Exception as e:
-            raise VideoDecodeError(path, f"decord cannot open it: {_short(e)}") from e
-        if num_frames < 1:
+def _probe(path: Path) -> _Index:
+    """Check the file, then demux the best video stream's packets: count, times, rotation."""
+    _check_file(path)
+    with _av_errors(path, "not a readable video"), _av_open(path) as container:
+        # FFmpeg opens still images too, through its `image2` and `*_pipe` demuxers.
+        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
+            raise VideoDecodeError(path, f"a still image ({container.format.name}), not a video")
+        if not container.streams.video:
+            audio = " (audio only)" if container.streams.audio else ""
+            raise VideoDecodeError(path, f"no video stream{audio}")
+        stream = container.streams.best("video")
+        context = stream.codec_context
+        width, height = context.width, context.height
+        if width <= 0 or height <= 0:
+            raise VideoDecodeError(path, f"invalid frame size {width}x{height}")
+        packets = _Packets(stream)
+        for packet in container.demux(stream):
+            packets.add(packet)
+        packets.finish()
+        if not packets.stamps:
             raise VideoDecodeError(path, "no frames")
-        self.info = _info(num_frames, fps, header)
+        if packets.rotation is None:
+            raise VideoDecodeError(path, f"no decodable frames ({packets.first_error or 'no output'})")
+        by_pts = container.format.name not in NO_PTS_FORMATS and None not in packets.stamps
+        times, pts, last_duration = _timeline(packets, stream, by_pts)
+        refusal = _decord_refusal(container, stream, packets, pts is not None)
+        codec, pix_fmt, stream_index = context.name, context.pix_fmt or "", stream.index
+    rotation = packets.rotation
+    duration = float(times[-1] + last_duration)
+    intervals = np.diff(times)
+    variable = bool(intervals.size > 1 and intervals.max() - intervals.min() > 0.05 * np.median(intervals))
+    shown = (width, height) if rotation in (0, 180) else (height, width)
+    info = VideoInfo(
+        num_frames=len(times), fps=len(times) / duration if duration > 0 else 0.0, width=shown[0],
+        height=shown[1], duration=duration, rotation=rotation, codec=codec, pix_fmt=pix_fmt,
+        variable_rate=variable,
+    )  # fmt: skip
+    return _Index(path, info, times, pts, stream_index, (height, width), refusal)
 
-    def get(self, unique: np.ndarray) -> np.ndarray:
-        if unique[-1] >= self.info.num_frames:
-            raise VideoDecodeError(
-                self.path, f"frame {unique[-1]} asked for, but the video has {self.info.num_frames} frames"
-            )
+
+class _Packets:
+    """The stream's packets as they are demuxed: times, keyframe cleanliness, the first frame."""
+
+    def __init__(self, stream: av.video.stream.VideoStream) -> None:
+        self.stream = stream
+        self.stamps: list[int | None] = []  # decode order
+        self.durations: dict[int | None, int] = {}
+        self.dirty_keys = 0  # keyframes a decoder cannot start from exactly (open GOP)
+        self.rotation: int | None = None
+        self.first_error = ""
+        self.nal_length = _nal_length_size(stream.codec_context)
+
+    def add(self, packet: av.Packet) -> None:
+        if packet.size == 0:
+            return  # the demuxer's final flush packet
+        stamp = packet.pts if packet.pts is not None else packet.dts
+        self.stamps.append(stamp)
+        self.durations[stamp] = packet.duration or 0
+        if packet.is_keyframe and not self._clean_key(packet):
+            self.dirty_keys += 1
+        if self.rotation is None:  # the display matrix rides on decoded frames
+            self._try_decode(packet)
+
+    def finish(self) -> None:
+        if self.rotation is None and self.stamps:
+            self._try_decode(None)  # flush: a one-frame video comes out only now
+
+    def _try_decode(self, packet: av.Packet | None) -> None:
         try:
-            batch = self.reader.get_batch(unique.tolist())
-            batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # any decord bridge
-        except Exception as e:
-            raise VideoDecodeError(self.path, f"decord failed to decode: {_short(e)}") from e
-        return batch
+            for frame in self.stream.codec_context.decode(packet):
+                self.rotation = int(round((frame.rotation or 0) / 90)) * 90 % 360
+                break
+        except av.FFmpegError as e:  # a corrupt start: keep looking for a decodable frame
+            self.first_error = self.first_error or _short(e)
 
-    def close(self) -> None:
-        del self.reader  # decord leaks memory when readers linger
-
-
-class _PyAVVideo:
-    def __init__(self, path: Path, header: _Header, threads: int) -> None:
-        self.path, self.header, self.threads = path, header, threads
-        self._info: VideoInfo | None = None
-
-    @property
-    def info(self) -> VideoInfo:
-        if self._info is None:
-            with _av_errors(self.path, "cannot count frames"), _av_open(self.path) as container:
-                stream = container.streams.video[0]
-                num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
-            if num_frames < 1:
-                raise VideoDecodeError(self.path, "no frames")
-            self._info = _info(num_frames, self.header.fps, self.header)
-        return self._info
-
-    def get(self, unique: np.ndarray) -> np.ndarray:
-        wanted, last = set(unique.tolist()), int(unique[-1])
-        frames, count = {}, 0
-        with _av_errors(self.path, "decoding failed"), _av_open(self.path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if self.threads > 0:
-                stream.codec_context.thread_count = self.threads
-            size = {"width": self.header.width, "height": self.header.height}
-            for frame in container.decode(stream):
-                if count in wanted:  # size pinned so a mid-stream size change cannot break stacking
-                    frames[count] = frame.to_ndarray(format="rgb24", **size)
-                count += 1
-                if count > last:
-                    break
-        if count == 0:
-            raise VideoDecodeError(self.path, "no frames")
-        if count <= last:
-            raise VideoDecodeError(
-                self.path, f"frame {last} asked for, but only {count} frames could be decoded"
-            )
-        return np.stack([frames[i] for i in unique.tolist()])
-
-    def close(self) -> None:
-        pass
+    def _clean_key(self, packet: av.Packet) -> bool:
+        name = self.stream.codec_context.name
+        if name not in IDR_NAL_TYPES:
+            return True
+        if not self.nal_length:
+            return False  # Annex B: not checked, not trusted
+        return any(t in IDR_NAL_TYPES[name] for t in _nal_types(bytes(packet), self.nal_length, name))
 
 
-@contextlib.contextmanager
-def _open_video(path: str | Path, backend: str, threads: int) -> Iterator[_DecordVideo | _PyAVVideo]:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    path = Path(path)
-    header = _probe_header(path)
-    video = (_DecordVideo if backend == "decord" else _PyAVVideo)(path, header, threads)
-    try:
-        yield video
-    finally:
-        video.close()
+def _timeline(packets: _Packets, stream: av.video.stream.VideoStream, by_pts: bool) -> tuple:
+    """(times (N,), pts list or None, the last frame's duration in seconds)."""
+    rate = stream.average_rate or stream.guessed_rate or stream.base_rate
+    period = 1 / float(rate) if rate else 0.0
+    if not by_pts or len(set(packets.stamps)) < len(packets.stamps):
+        # No usable presentation times (AVI, missing or repeated stamps): frame k at k / fps.
+        n = len(packets.stamps)
+        if period <= 0:
+            period = 1 / 25  # FFmpeg's own fallback frame rate
+        return np.arange(n) * period, None, period
+    pts = sorted(packets.stamps)
+    base = float(stream.time_base)
+    times = (np.asarray(pts, dtype=np.float64) - pts[0]) * base
+    last = packets.durations.get(pts[-1], 0) * base
+    if not last > 0:
+        last = float(times[-1] - times[-2]) if len(times) > 1 else period
+    return times, pts, last
 
 
-def _probe_header(path: Path) -> _Header:
-    """Cheap checks before any decoder runs: the file exists, is not empty, holds a video."""
+def _decord_refusal(container, stream, packets: _Packets, by_pts: bool) -> str:
+    """Why decord's random access would not give exactly the `pyav` frames of this file ("" if it would)."""
+    context = stream.codec_context
+    if len(container.streams.video) > 1:
+        return "several video streams"
+    if context.name not in DECORD_CODECS:
+        return f"codec {context.name}"
+    if context.pix_fmt not in DECORD_PIX_FMTS:
+        return f"pixel format {context.pix_fmt}"
+    if context.colorspace not in DECORD_COLORSPACES:
+        return f"colour matrix {context.colorspace} (not BT.601)"
+    if not by_pts:
+        return f"no presentation times ({container.format.name})"
+    if packets.dirty_keys:
+        return "open GOP (keyframes that are not IDR)"
+    if context.name == "mpeg4" and packets.stamps != sorted(packets.stamps):
+        return "MPEG-4 with B-frames"
+    return ""
+
+
+def _nal_length_size(context) -> int:
+    """Bytes of each NAL length prefix (avcC / hvcC extradata); 0 for Annex B or other codecs."""
+    extra = context.extradata or b""
+    if context.name == "h264" and len(extra) > 4 and extra[0] == 1:
+        return (extra[4] & 3) + 1
+    if context.name == "hevc" and len(extra) > 21 and extra[0] == 1:
+        return (extra[21] & 3) + 1
+    return 0
+
+
+def _nal_types(data: bytes, length_size: int, codec: str) -> Iterator[int]:
+    at = 0
+    while at + length_size < len(data):
+        size = int.from_bytes(data[at : at + length_size], "big")
+        header = data[at + length_size]
+        yield header & 0x1F if codec == "h264" else (header >> 1) & 0x3F
+        at += length_size + size
+
+
+def _check_file(path: Path) -> None:
     if not path.exists():
         raise VideoDecodeError(path, "no such file")
     if not path.is_file():
         raise VideoDecodeError(path, "not a regular file")
     if path.stat().st_size == 0:
         raise VideoDecodeError(path, "empty file (0 bytes)")
-    with _av_errors(path, "not a readable video"), _av_open(path) as container:
-        # FFmpeg opens still images too, through its `image2` and `*_pipe` demuxers.
-        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-            raise VideoDecodeError(path, f"a still image ({container.format.name}), not a video")
-        if not container.streams.video:
-            raise VideoDecodeError(path, "no video stream")
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width <= 0 or height <= 0:
-            raise VideoDecodeError(path, f"invalid frame size {width}x{height}")
-        # FFmpeg learns the pixel format by decoding the first frames; none means no frame
-        # decodes (decord then fails deep inside its filter graph).
-        if stream.codec_context.pix_fmt is None:
-            raise VideoDecodeError(path, "no decodable frames (unknown pixel format)")
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 0.0
-        duration = container.duration / 1_000_000 if container.duration else 0.0
-    return _Header(width=width, height=height, fps=fps, duration=duration)
+
+
+# ---------------------------------------------------------------------------------------
+# Decoding: pyav (reference), decord (verified, else fallback)
+# ---------------------------------------------------------------------------------------
+
+
+class _Inexact(Exception):
+    """decord would not return exactly the requested frames of this file."""
+
+
+def _gather(
+    index: _Index, indices: np.ndarray, backend: str, threads: int, fallbacks: list[str] | None
+) -> np.ndarray:
+    """Frames at `indices` (any order, repeats): each distinct frame is decoded once."""
+    if indices.size == 0:
+        return np.empty((0, index.info.height, index.info.width, 3), dtype=np.uint8)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    if unique[-1] >= index.info.num_frames:
+        raise VideoDecodeError(
+            index.path, f"frame {unique[-1]} asked for, but the video has {index.info.num_frames} frames"
+        )
+    frames = None
+    if backend == "decord":
+        try:
+            frames = _decord_frames(index, unique, threads)
+        except _Inexact as e:
+            if fallbacks is not None:
+                fallbacks.append(f"decord: {e}")
+    if frames is None:
+        frames = _pyav_frames(index, unique, threads)  # (U, H, W, 3)
+    return np.ascontiguousarray(frames[inverse], dtype=np.uint8)
+
+
+def _pyav_frames(index: _Index, unique: np.ndarray, threads: int) -> np.ndarray:
+    """Decode in order, keep the wanted frames, recognised by pts (by count where there is none)."""
+    wanted = set(unique.tolist())
+    position = {p: k for k, p in enumerate(index.pts)} if index.pts is not None else None
+    height, width = index.coded  # pinned: a mid-stream size change cannot break stacking
+    frames: dict[int, np.ndarray] = {}
+    count, first_error = 0, ""
+    with _av_errors(index.path, "decoding failed"), _av_open(index.path) as container:
+        stream = container.streams[index.stream]
+        stream.thread_type = "AUTO"
+        if threads > 0:
+            stream.codec_context.thread_count = threads
+        for packet in container.demux(stream):
+            try:
+                decoded = packet.decode()
+            except av.FFmpegError as e:
+                if position is None:
+                    raise VideoDecodeError(
+                        index.path, f"a packet cannot be decoded ({_short(e)}) and the file has no "
+                        "presentation times to tell which frames follow"
+                    ) from e  # fmt: skip
+                first_error = first_error or _short(e)
+                continue
+            for frame in decoded:
+                k = count if position is None else position.get(frame.pts)
+                count += 1
+                if k in wanted and k not in frames:
+                    frames[k] = _rgb(frame, width, height, index.info.rotation)
+            if len(frames) == len(wanted):
+                break
+    missing = sorted(wanted - frames.keys())
+    if missing:
+        times = ", ".join(f"{index.times[k]:.3f}s" for k in missing[:5])
+        cause = f" ({first_error})" if first_error else ""
+        raise VideoDecodeError(
+            index.path, f"{len(missing)} requested frame(s) could not be decoded, at {times}{cause}"
+        )
+    return np.stack([frames[k] for k in unique.tolist()])
+
+
+def _rgb(frame: av.VideoFrame, width: int, height: int, rotation: int) -> np.ndarray:
+    """FFmpeg's RGB conversion (the frame's own colour matrix), then the display rotation."""
+    image = frame.to_ndarray(format="rgb24", width=width, height=height)
+    return np.rot90(image, k=rotation // 90) if rotation else image
+
+
+def _decord_frames(index: _Index, unique: np.ndarray, threads: int) -> np.ndarray:
+    """decord's frames, after checking they are the ones the contract asks for; else `_Inexact`."""
+    if index.decord_refusal:
+        raise _Inexact(index.decord_refusal)
+    try:  # deferred: decord is optional (wheels exist for x86-64 only)
+        from decord import VideoReader, cpu
+    except ImportError as e:
+        raise _Inexact("decord is not installed") from e
+    try:
+        reader = VideoReader(str(index.path), ctx=cpu(0), num_threads=threads)
+    except Exception as e:
+        raise _Inexact(f"cannot open it ({_short(e)})") from e
+    try:
+        if len(reader) != index.info.num_frames:
+            raise _Inexact(f"counts {len(reader)} frames, the stream has {index.info.num_frames}")
+        stamps = reader.get_frame_timestamp([0, *unique.tolist()])[:, 0].astype(np.float64)
+        if np.abs((stamps[1:] - stamps[0]) - index.times[unique]).max() > TIME_TOLERANCE:
+            raise _Inexact("its frame times differ from the stream's")
+        batch = reader.get_batch(unique.tolist())
+        batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # any decord bridge
+    except _Inexact:
+        raise
+    except Exception as e:
+        raise _Inexact(f"failed ({_short(e)})") from e
+    finally:
+        del reader  # decord leaks memory when readers linger
+    if batch.shape[1:3] != (index.info.height, index.info.width):
+        raise _Inexact(
+            f"frame size {batch.shape[2]}x{batch.shape[1]}, not {index.info.width}x{index.info.height}"
+        )
+    return batch
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 def _av_open(path: Path):
@@ -331,44 +552,24 @@ def _av_errors(path: Path, what: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------
 
 
-def _info(num_frames: int, fps: float, header: _Header) -> VideoInfo:
-    if not (fps > 0 and math.isfinite(fps)):
-        fps = num_frames / header.duration if header.duration > 0 else 0.0
-    duration = num_frames / fps if fps > 0 else header.duration
-    return VideoInfo(
-        num_frames=num_frames, fps=fps, width=header.width, height=header.height, duration=duration
-    )
-
-
-def _gather(video: _DecordVideo | _PyAVVideo, indices: np.ndarray) -> np.ndarray:
-    """Frames at `indices` (any order, repeats): each distinct frame is decoded once."""
-    if indices.size == 0:
-        return np.empty((0, video.header.height, video.header.width, 3), dtype=np.uint8)
-    unique, inverse = np.unique(indices, return_inverse=True)
-    frames = video.get(unique)  # (U, H, W, 3)
-    return np.ascontiguousarray(frames[inverse], dtype=np.uint8)
-
-
-def _window(
-    video: _DecordVideo | _PyAVVideo, start_sec: float | None, end_sec: float | None
-) -> tuple[int, int]:
-    """Frames [first, stop) shown in the time window; the whole video without one."""
-    n = video.info.num_frames
+def _window(index: _Index, start_sec: float | None, end_sec: float | None) -> tuple[int, int]:
+    """Slots [first, stop) in the time window; the whole video without one."""
+    n = index.info.num_frames
     if start_sec is None and end_sec is None:
         return 0, n
-    fps = video.info.fps
-    if fps <= 0:
-        raise VideoDecodeError(video.path, "unknown frame rate: cannot cut a time window")
+    width = index.slot_width
+    if not width > 0:
+        raise VideoDecodeError(index.path, "unknown duration: cannot cut a time window")
     start = 0.0 if start_sec is None else float(start_sec)
     end = math.inf if end_sec is None else float(end_sec)
     if start < 0 or end <= start:
         raise ValueError(f"time window [{start_sec}, {end_sec}) is empty or negative")
-    first = math.floor(start * fps + 1e-6)  # the frame on screen at start_sec
+    first = math.floor(start / width + 1e-6)  # the slot under start_sec
     if first >= n:
         raise VideoDecodeError(
-            video.path, f"window starts at {start:g}s, after the end of the video ({video.info.duration:g}s)"
+            index.path, f"window starts at {start:g}s, after the end of the video ({index.info.duration:g}s)"
         )
-    stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end * fps - 1e-6)))
+    stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end / width - 1e-6)))
     return first, stop
 
 
