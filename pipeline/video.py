@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -290,7 +291,7 @@ def _probe(path: Path) -> _Index:
         by_pts = container.format.name not in NO_PTS_FORMATS and None not in packets.stamps
         times, pts, last_duration = _timeline(packets, stream, by_pts)
         refusal = _decord_refusal(container, stream, packets, pts is not None)
-        codec, pix_fmt, stream_index = context.name, context.pix_fmt or "", stream.index
+        codec, pix_fmt, stream_index = context.codec.canonical_name, context.pix_fmt or "", stream.index
     rotation = packets.rotation
     duration = float(times[-1] + last_duration)
     intervals = np.diff(times)
@@ -372,14 +373,16 @@ def _decord_refusal(container, stream, packets: _Packets, by_pts: bool) -> str:
     context = stream.codec_context
     if len(container.streams.video) > 1:
         return "several video streams"
-    if context.name not in DECORD_CODECS:
-        return f"codec {context.name}"
+    if context.codec.canonical_name not in DECORD_CODECS:
+        return f"codec {context.codec.canonical_name}"
     if context.pix_fmt not in DECORD_PIX_FMTS:
         return f"pixel format {context.pix_fmt}"
     if context.colorspace not in DECORD_COLORSPACES:
         return f"colour matrix {context.colorspace} (not BT.601)"
     if not by_pts:
         return f"no presentation times ({container.format.name})"
+    if packets.rotation in (90, 270):
+        return f"rotated {packets.rotation} degrees (decord's batches of rotated frames fail)"
     if packets.dirty_keys:
         return "open GOP (keyframes that are not IDR)"
     if context.name == "mpeg4" and packets.stamps != sorted(packets.stamps):
@@ -504,7 +507,7 @@ def _decord_frames(index: _Index, unique: np.ndarray, threads: int) -> np.ndarra
     try:
         reader = VideoReader(str(index.path), ctx=cpu(0), num_threads=threads)
     except Exception as e:
-        raise _Inexact(f"cannot open it ({_short(e)})") from e
+        raise _Inexact(f"cannot open it ({_short(e, decord=True)})") from e
     try:
         if len(reader) != index.info.num_frames:
             raise _Inexact(f"counts {len(reader)} frames, the stream has {index.info.num_frames}")
@@ -516,7 +519,7 @@ def _decord_frames(index: _Index, unique: np.ndarray, threads: int) -> np.ndarra
     except _Inexact:
         raise
     except Exception as e:
-        raise _Inexact(f"failed ({_short(e)})") from e
+        raise _Inexact(f"failed ({_short(e, decord=True)})") from e
     finally:
         del reader  # decord leaks memory when readers linger
     if batch.shape[1:3] != (index.info.height, index.info.width):
@@ -594,8 +597,11 @@ def _resize(frames: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np
     )
 
 
-def _short(error: BaseException) -> str:
-    """One line of a (possibly very long, multi-line) decoder error message."""
+def _short(error: BaseException, decord: bool = False) -> str:
+    """One line of a (possibly very long, multi-line) decoder error message; without decord's
+    `[hh:mm:ss] file.cc:line:` prefixes, so that equal failures count as one reason."""
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     text = lines[0] if lines else ""
+    if decord:
+        text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+: ", "", text)
     return f"{type(error).__name__}: {text[:300]}"
