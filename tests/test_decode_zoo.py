@@ -115,15 +115,10 @@ def test_corrupt_start_decodes_later_frames_and_refuses_lost_ones(zoo, backend):
     fallbacks: list[str] = []
     with pytest.raises(VideoDecodeError, match=r"could not be decoded, at 0\.000s"):
         decode_frames(path, [0, 20], backend, fallbacks=fallbacks)
-    assert fallbacks == (
-        []
-        if backend == "pyav"
-        else [
-            "decord: failed (DECORDError: Check failed: "
-            "avcodec_send_packet(dec_ctx_.get(), pkt.get()) >= 0 "
-            "(-1094995529 vs. 0) Thread worker: Error sending packet.)"
-        ]
-    )
+    if backend == "pyav":
+        assert fallbacks == []
+    else:  # decord fails on the corrupt packets; the reason is kept, pyav then names the lost frames
+        assert len(fallbacks) == 1 and fallbacks[0].startswith("decord: failed ("), fallbacks
     with pytest.raises(VideoDecodeError, match="could not be decoded"):
         load_clip(path, 4, 16, backend=backend)  # uniform sampling starts at frame 0
 
