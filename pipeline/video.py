@@ -255,10 +255,16 @@ class _Index:
     stream: int  # index of the decoded stream in the container
     coded: tuple[int, int]  # (height, width) as decoded, before rotation
     decord_refusal: str  # why decord is not exact on this file; "" when it may be used
+    keys: np.ndarray  # (K,) sorted indices of the keyframes (empty when frames have no pts)
     slot_width: float = field(init=False)
 
     def __post_init__(self) -> None:
         self.slot_width = self.info.duration / self.info.num_frames
+
+    def key_before(self, frame: int) -> int:
+        """The last keyframe at or before `frame` in presentation order (0 if none)."""
+        at = int(np.searchsorted(self.keys, frame, side="right")) - 1
+        return int(self.keys[at]) if at >= 0 else 0
 
     def slot_frames(self, slots: np.ndarray) -> np.ndarray:
         """The frame on screen at the middle of each time slot."""
@@ -302,7 +308,10 @@ def _probe(path: Path) -> _Index:
         height=shown[1], duration=duration, rotation=rotation, codec=codec, pix_fmt=pix_fmt,
         variable_rate=variable,
     )  # fmt: skip
-    return _Index(path, info, times, pts, stream_index, (height, width), refusal)
+    keys = np.array(
+        sorted({pts.index(p) for p in packets.key_stamps}) if pts is not None else [], dtype=np.int64
+    )
+    return _Index(path, info, times, pts, stream_index, (height, width), refusal, keys)
 
 
 class _Packets:
@@ -311,6 +320,7 @@ class _Packets:
     def __init__(self, stream: av.video.stream.VideoStream) -> None:
         self.stream = stream
         self.stamps: list[int | None] = []  # decode order
+        self.key_stamps: list[int | None] = []
         self.durations: dict[int | None, int] = {}
         self.dirty_keys = 0  # keyframes a decoder cannot start from exactly (open GOP)
         self.rotation: int | None = None
@@ -323,8 +333,9 @@ class _Packets:
         stamp = packet.pts if packet.pts is not None else packet.dts
         self.stamps.append(stamp)
         self.durations[stamp] = packet.duration or 0
-        if packet.is_keyframe and not self._clean_key(packet):
-            self.dirty_keys += 1
+        if packet.is_keyframe:
+            self.key_stamps.append(stamp)
+            self.dirty_keys += not self._clean_key(packet)
         if self.rotation is None:  # the display matrix rides on decoded frames
             self._try_decode(packet)
 
@@ -451,43 +462,85 @@ def _gather(
 
 
 def _pyav_frames(index: _Index, unique: np.ndarray, threads: int) -> np.ndarray:
-    """Decode in order, keep the wanted frames, recognised by pts (by count where there is none)."""
-    wanted = set(unique.tolist())
+    """The wanted frames, recognised by pts: first by seeking to the keyframe before each group of
+    them, then, for any still missing, by the reference (decoding in order from the start)."""
+    frames: dict[int, np.ndarray] = {}
+    errors: list[str] = []
+    if index.pts is not None and len(index.keys) > 1:
+        _decode(index, unique.tolist(), threads, frames, errors, seek=True)
+    missing = sorted(set(unique.tolist()) - frames.keys())
+    if missing:
+        _decode(index, missing, threads, frames, errors, seek=False)
+    missing = sorted(set(unique.tolist()) - frames.keys())
+    if missing:
+        times = ", ".join(f"{index.times[k]:.3f}s" for k in missing[:5])
+        cause = f" ({errors[0]})" if errors else ""
+        raise VideoDecodeError(
+            index.path, f"{len(missing)} requested frame(s) could not be decoded, at {times}{cause}"
+        )
+    return np.stack([frames[k] for k in unique.tolist()])
+
+
+def _decode(
+    index: _Index,
+    wanted: list[int],
+    threads: int,
+    frames: dict[int, np.ndarray],
+    errors: list[str],
+    seek: bool,
+) -> None:
+    """Decode the `wanted` frames (sorted) into `frames`. Frames are recognised by pts (by their
+    count from the start where the file has none). With `seek`, each run of wanted frames after
+    a keyframe the decoder has not reached yet starts with a seek to that keyframe, and only
+    frames at or after it are taken: frames before a keyframe in presentation order may need
+    pictures the seek skipped (open GOP)."""
     position = {p: k for k, p in enumerate(index.pts)} if index.pts is not None else None
     height, width = index.coded  # pinned: a mid-stream size change cannot break stacking
-    frames: dict[int, np.ndarray] = {}
-    count, first_error = 0, ""
     with _av_errors(index.path, "decoding failed"), _av_open(index.path) as container:
         stream = container.streams[index.stream]
         stream.thread_type = "AUTO"
         if threads > 0:
             stream.codec_context.thread_count = threads
-        for packet in container.demux(stream):
-            try:
-                decoded = packet.decode()
-            except av.FFmpegError as e:
-                if position is None:
-                    raise VideoDecodeError(
-                        index.path, f"a packet cannot be decoded ({_short(e)}) and the file has no "
-                        "presentation times to tell which frames follow"
-                    ) from e  # fmt: skip
-                first_error = first_error or _short(e)
-                continue
-            for frame in decoded:
-                k = count if position is None else position.get(frame.pts)
+        todo, floor, reached = list(wanted), None, -1  # reached: the last frame decoded
+        while todo:
+            if seek:
+                key = index.key_before(todo[0])
+                if key > reached:  # skip the frames in between
+                    container.seek(index.pts[key], stream=stream, backward=True)
+                    floor, reached = key, key - 1
+            count = 0
+            for frame in _frames(index.path, container, stream, errors, strict=position is None):
+                k = count if position is None else position.get(frame.pts, -1)
                 count += 1
-                if k in wanted and k not in frames:
+                if k < 0 or (floor is not None and k < floor):
+                    continue
+                reached = max(reached, k)
+                if k in todo:
                     frames[k] = _rgb(frame, width, height, index.info.rotation)
-            if len(frames) == len(wanted):
-                break
-    missing = sorted(wanted - frames.keys())
-    if missing:
-        times = ", ".join(f"{index.times[k]:.3f}s" for k in missing[:5])
-        cause = f" ({first_error})" if first_error else ""
-        raise VideoDecodeError(
-            index.path, f"{len(missing)} requested frame(s) could not be decoded, at {times}{cause}"
-        )
-    return np.stack([frames[k] for k in unique.tolist()])
+                    todo.remove(k)
+                while todo and todo[0] < k:  # passed without coming out: left to the pass from the start
+                    todo.pop(0)
+                if not todo or (seek and index.key_before(todo[0]) > reached):
+                    break
+            else:
+                return  # the end of the stream: what is still in `todo` cannot be decoded
+
+
+def _frames(path: Path, container, stream, errors: list[str], strict: bool) -> Iterator[av.VideoFrame]:
+    """The stream's decoded frames from where the container is; a packet that fails to decode is
+    skipped and its error kept (refused when `strict`: without pts, later frames cannot be placed)."""
+    for packet in container.demux(stream):
+        try:
+            decoded = packet.decode()
+        except av.FFmpegError as e:
+            if strict:
+                raise VideoDecodeError(
+                    path, f"a packet cannot be decoded ({_short(e)}) and the file has no "
+                    "presentation times to tell which frames follow"
+                ) from e  # fmt: skip
+            errors.append(_short(e))
+            continue
+        yield from decoded
 
 
 def _rgb(frame: av.VideoFrame, width: int, height: int, rotation: int) -> np.ndarray:

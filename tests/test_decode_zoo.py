@@ -164,3 +164,30 @@ def test_constant_rate_sampling_is_unchanged(tmp_path):
         assert [frame_index(f) for f in decode_frames(path, range(17))] == list(range(17))
         assert [frame_index(f) for f in load_clip(path, 7, 64)] == sample_frame_indices(17, 7).tolist()
         assert probe_video(path).duration == pytest.approx(17 / fps, abs=1e-3)
+
+
+@pytest.mark.parametrize("name", DECODABLE)
+def test_seeking_finds_random_frames_exactly(zoo, name, monkeypatch):
+    """pyav seeks to the keyframe before each run of wanted frames and recognises frames by pts;
+    on files with presentation times it never needs the pass from the start."""
+    import pipeline.video
+
+    path, video = _video(zoo, name)
+    _, reference = _sequential(path)
+    passes = []
+    real = pipeline.video._decode
+
+    def spy(index, wanted, threads, frames, errors, seek):
+        passes.append(seek)
+        real(index, wanted, threads, frames, errors, seek)
+
+    monkeypatch.setattr(pipeline.video, "_decode", spy)
+    rng = np.random.default_rng(0)
+    for _ in range(6):
+        wanted = sorted(set(rng.integers(video.first_decodable, video.num_frames, size=6).tolist()))
+        frames = decode_frames(path, wanted)
+        np.testing.assert_array_equal(frames, reference[[k - video.first_decodable for k in wanted]])
+    if name.endswith(".avi"):  # no presentation times: only the pass from the start can place frames
+        assert set(passes) == {False}
+    else:
+        assert set(passes) == {True}

@@ -218,7 +218,7 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
         ZooVideo("hevc10.mkv", N, N / 25, WIDTH, HEIGHT, decord="pixel format yuv420p10le"),
     ),
     "av1.mkv": (
-        lambda p: _encode(p, "libsvtav1", index_frames(N), options={"preset": "12"}),
+        lambda p: _encode(p, "libsvtav1", index_frames(N), options={"preset": "12", "svtav1-params": "keyint=12"}),
         ZooVideo("av1.mkv", N, N / 25, WIDTH, HEIGHT, decord="codec av1"),
     ),
     "vfr_vp8.webm": (
@@ -228,7 +228,7 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
             index_frames(VFR_FAST + VFR_SLOW),
             _vfr_times(VFR_FAST, VFR_SLOW),
             rate=Fraction(10),
-            options={"deadline": "realtime", "cpu-used": "8"},
+            options={"deadline": "realtime", "cpu-used": "8", "g": "12"},
         ),  # fmt: skip
         ZooVideo("vfr_vp8.webm", VFR_FAST + VFR_SLOW, 2.5, WIDTH, HEIGHT),
     ),
@@ -239,7 +239,7 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
             index_frames(VFR_FAST + VFR_SLOW),
             _vfr_times(VFR_FAST, VFR_SLOW),
             rate=Fraction(10),
-            options={"deadline": "realtime", "cpu-used": "8"},
+            options={"deadline": "realtime", "cpu-used": "8", "g": "12"},
         ),  # fmt: skip
         ZooVideo("vfr_vp9.webm", VFR_FAST + VFR_SLOW, 2.5, WIDTH, HEIGHT),
     ),
