@@ -79,13 +79,13 @@ class DataConfig:
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
 
 
 @dataclass
