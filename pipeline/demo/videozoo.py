@@ -3,7 +3,8 @@
 Each file stands for a kind of file users have and that decoders get wrong: H.264 in AVI with
 B-frames, open-GOP H.264 and HEVC, 10-bit HEVC, AV1, variable-frame-rate VP8/VP9 WebM, an MP4
 with two video streams of different sizes and rates, phone videos rotated by their display
-matrix (MP4 and MOV), an audio-only file and a file whose first packets are corrupt.
+matrix (MP4 and MOV), an MP4 cut with an edit list, an audio-only file and a file whose first
+packets are corrupt.
 
 Every frame shows its own index: the top half is 8 vertical bars, black or white, the bits
 of the index (least significant on the left); the bottom half is one colour (`BOTTOM`). So
@@ -42,6 +43,7 @@ class ZooVideo:
     decord: str = ""  # "" = decord must be used; else the fallback reason starts with this
     refused: str = ""  # the VideoDecodeError reason starts with this (every backend)
     first_decodable: int = 0  # frames before it cannot be decoded (corrupt start)
+    first_shown: int = 0  # the index frame 0 shows (an edit list hides the ones before)
 
 
 def index_frames(n: int, width: int = WIDTH, height: int = HEIGHT, offset: int = 0) -> np.ndarray:
@@ -173,6 +175,19 @@ def _corrupt_start(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+def _edit_list(path: Path) -> None:
+    """H.264 MP4 whose first 5 encoded frames have negative times: the muxer writes an edit list
+    that hides them, as a cut without re-encoding (`ffmpeg -ss 0.2 -c copy`) does."""
+    with av.open(str(path), mode="w") as container:
+        stream = _add_video(container, "libx264", WIDTH, HEIGHT, Fraction(25), _x264(), "yuv420p")
+        stream.codec_context.time_base = Fraction(1, 25)
+        for i, image in enumerate(index_frames(N)):
+            frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            frame.pts, frame.time_base = i - 5, Fraction(1, 25)
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode())
+
+
 def _vfr_times(fast: int, slow: int) -> list[int]:
     """`fast` frames at 30 fps, then `slow` frames at 10 fps, in milliseconds."""
     return [round(i * 1000 / 30) for i in range(fast)] + [
@@ -218,7 +233,9 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
         ZooVideo("hevc10.mkv", N, N / 25, WIDTH, HEIGHT, decord="pixel format yuv420p10le"),
     ),
     "av1.mkv": (
-        lambda p: _encode(p, "libsvtav1", index_frames(N), options={"preset": "12", "svtav1-params": "keyint=12"}),
+        lambda p: _encode(
+            p, "libsvtav1", index_frames(N), options={"preset": "12", "svtav1-params": "keyint=12"}
+        ),
         ZooVideo("av1.mkv", N, N / 25, WIDTH, HEIGHT, decord="codec av1"),
     ),
     "vfr_vp8.webm": (
@@ -262,6 +279,18 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
     "rot90.mov": (
         lambda p: _encode(p, "libx264", index_frames(N), options=_x264(), rotation=90),
         ZooVideo("rot90.mov", N, N / 25, HEIGHT, WIDTH, rotation=90, decord="rotated 90"),
+    ),
+    "edit_list.mp4": (
+        _edit_list,
+        ZooVideo(
+            "edit_list.mp4",
+            N - 5,
+            (N - 5) / 25,
+            WIDTH,
+            HEIGHT,
+            decord="an edit list hides frames",
+            first_shown=5,
+        ),
     ),
     "audio_only.m4a": (
         _audio_only,
