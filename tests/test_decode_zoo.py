@@ -192,3 +192,13 @@ def test_seeking_finds_random_frames_exactly(zoo, name, monkeypatch):
         assert set(passes) == {False}
     else:
         assert set(passes) == {True}
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_time_windows_follow_the_clock_on_variable_frame_rate(zoo, backend):
+    """A window [1.5 s, 2.5 s) of the 30-then-10 fps file holds the frames shown then (10 fps part)."""
+    path, _ = _video(zoo, "vfr_vp9.webm")
+    times = frame_times(path)
+    ids = [frame_index(f) for f in load_clip(path, 4, 64, backend=backend, start_sec=1.5, end_sec=2.5)]
+    assert all(1.5 - 0.1 <= times[k] < 2.5 for k in ids), (ids, times[ids].tolist())
+    assert ids == sorted(ids) and len(set(ids)) == 4
