@@ -286,7 +286,7 @@ def _decode(
         while todo:
             if seek:
                 key = index.key_before(todo[0])
-                if key > reached:  # skip the frames in between
+                if key > max(reached, 0):  # skip the frames in between (none before the first key)
                     container.seek(index.pts[key], stream=stream, backward=True)
                     floor, reached = key, key - 1
             count = 0
