@@ -58,8 +58,10 @@ class RunConfig:
 class DataConfig:
     format: str = "jsonl"
     """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd` or `vatex`."""
-    annotations: str = ""
-    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    annotations: str | list[str] = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`; msrvtt, vatex: their files); msrvtt, vatex: also a list of files."""
+    annotations_split: str = ""
+    """Split of a single vatex annotation file whose name does not say it (`train`, `val`, `test`); empty: from the name."""
     video_root: str = ""
     """Folder that relative video paths are resolved against."""
     video_ext: str = ".mp4"
@@ -75,17 +77,26 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+        if isinstance(self.annotations, list):
+            if not all(isinstance(p, str) and p for p in self.annotations):
+                raise ConfigError(
+                    f"data.annotations must be a path or a list of paths, got {self.annotations!r}"
+                )
+            if len(self.annotations) == 1:
+                self.annotations = self.annotations[0]
+        elif not isinstance(self.annotations, str):
+            raise ConfigError(f"data.annotations must be a path or a list of paths, got {self.annotations!r}")
 
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
 
 
 @dataclass
@@ -421,6 +432,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
         "data.format",
         "data.annotations",
+        "data.annotations_split",
         "data.video_root",
         "data.video_ext",
         "data.max_videos",

@@ -183,6 +183,7 @@ class _Totals(Tally):
         self.captioned += result["captioned"]
         self.errors += result["errors"]
         self.add_seconds({k: result[k] for k in TIMERS})
+        self.add_fallbacks(result.get("decode_fallbacks", {}))
 
     def summary(self, out: Path, model: str, mode: str, setup_s: float, seconds: float) -> dict[str, Any]:
         common = self.common_summary(mode, self.captioned + self.errors, setup_s, seconds)
@@ -223,7 +224,12 @@ def caption_task(
     name, items = task
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
-    result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
+    result: dict[str, Any] = {
+        "captioned": 0,
+        "errors": 0,
+        **dict.fromkeys(TIMERS, 0.0),
+        "decode_fallbacks": {},
+    }
     base = {**_settings(model_path, config), "num_frames": settings["num_frames"]}
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -328,16 +334,22 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
     """Clips of `items` in order, decoded about two batches ahead in `pool`."""
     ahead = 2 * config.caption.batch_size + config.caption.decode_workers
     decode = partial(_decode_item, settings=settings, config=config)
-    for (clips, seconds), waited in prefetch_map(pool, decode, items, ahead):
+    for (clips, seconds, fallbacks), waited in prefetch_map(pool, decode, items, ahead):
         timers["decode_s"] += seconds
         timers["decode_wait_s"] += waited
+        for reason in set(fallbacks):  # once per video, however many windows it has
+            timers["decode_fallbacks"][reason] = timers["decode_fallbacks"].get(reason, 0) + 1
         yield from clips
 
 
-def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
-    """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
+def _decode_item(
+    item: VideoInput, settings: dict[str, int], config: Config
+) -> tuple[list[_Clip], float, list[str]]:
+    """One video's clips (one, or one per window) as normalised pixels, or one error clip; and why
+    decoding fell back to pyav, if it did."""
 
     started = time.perf_counter()
+    fallbacks: list[str] = []
     backend, threads = config.decode.backend, config.decode.threads
     try:
         spans: list[tuple[float | None, float | None]] = [(None, None)]
@@ -357,6 +369,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
                 threads=threads,
                 start_sec=start,
                 end_sec=end,
+                fallbacks=fallbacks,
             )  # (T, S, S, 3)
             clips.append(
                 _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
@@ -365,7 +378,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
         clips = [_Clip(item, error=str(e))]
     except Exception as e:  # one video must never stop a run over millions: record why, go on
         clips = [_Clip(item, error=f"{item.video}: {type(e).__name__}: {e}")]
-    return clips, time.perf_counter() - started
+    return clips, time.perf_counter() - started, fallbacks
 
 
 def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from cache.store import FeatureStore, StoreError, diff_fingerprints
-from pipeline.annotations import VideoRecord, load_manifest
+from pipeline.annotations import VideoRecord, load_manifest, require_references
 from pipeline.config import Config
 from pipeline.data import CacheSource, VideoSource
 from pipeline.metrics import coco_scores, require_java
@@ -85,7 +85,9 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         stage.log.info("eval: the models to evaluate changed since the last eval; evaluating again")
         stage = Stage(config, "eval", force=True)
     require_java()  # fail before hours of beam search, not after
-    records = load_manifest(config.data).split(split)
+    manifest = load_manifest(config.data)
+    require_references(manifest, split)  # before hours of captioning, naming the files searched
+    records = manifest.split(split)
     source = choose_source(config, [r.video_id for r in records], stage.log)
     device = resolve_device(config.run.device)
 
