@@ -26,22 +26,45 @@ from pipeline.config import Config, ConfigError
 from pipeline.demo.synth import make_synthetic_world
 from pipeline.demo.testmodels import init_model
 from pipeline.demo.tinypretrain import PRETRAIN_FILE, pretrain_tiny_model
+from pipeline.mixture import pseudo_caption_config, set_extract_configs, teacher_config
 from pipeline.runtime.commandline import cli_config, config_options, user_errors
 from pipeline.runtime.files import atomic_write_json
 from pipeline.runtime.stage import configure_threads, read_done
 from stages import caption, extract, scst, train
 from stages import eval as eval_stage
 
-# The stages, in the order a pipeline runs them (their names are also `pipeline.config.STAGES`).
+
+# Named instances: a stage run again on a derived config (`pipeline/mixture.py`), in its own folder
+# `<run>/<instance>/` with its own DONE.json, for the pseudo-labelling loop (README, Pseudo-labelling).
+def train_labelled(config: Config, force: bool = False) -> dict[str, Any]:
+    """`train` on the labelled data alone (the teacher), ignoring `data.train_sets`."""
+    return train.run(teacher_config(config), force=force)
+
+
+def pseudo_caption(config: Config, force: bool = False) -> dict[str, Any]:
+    """`caption` of the pooled train set's videos with the `train_labelled` model, into its annotations."""
+    return caption.run(pseudo_caption_config(config), force=force)
+
+
+def extract_sets(config: Config, force: bool = False) -> dict[str, Any]:
+    """`extract` of every train set with its own annotations into its own store (resumable per set)."""
+    return {name: extract.run(derived, force=force) for name, derived in set_extract_configs(config)}
+
+
+# The stages, in the order a pipeline runs them (their names are also `pipeline.config.STAGES`
+# and `STAGE_INSTANCES`).
 STAGES: dict[str, Callable[..., dict[str, Any]]] = {
     "extract": extract.run,
     "train": train.run,
     "scst": scst.run,
     "eval": eval_stage.run,
     "caption": caption.run,
+    "train_labelled": train_labelled,
+    "pseudo_caption": pseudo_caption,
+    "extract_sets": extract_sets,
 }
 # Only the training stages run data-parallel; the others shard work through Dask instead.
-DISTRIBUTED_STAGES = ("train", "scst")
+DISTRIBUTED_STAGES = ("train", "scst", "train_labelled")
 METRIC_COLUMNS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
