@@ -158,12 +158,24 @@ def prepare_demo(config: Config) -> None:
     world_summary = annotations.parent / "summary.json"  # written last: the world is complete
     if not world_summary.exists():
         print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)
-        make_synthetic_world(annotations.parent, num_videos=config.run.demo_videos, seed=config.run.seed)
-    have = json.loads(world_summary.read_text()).get("num_videos")
+        make_synthetic_world(
+            annotations.parent,
+            num_videos=config.run.demo_videos,
+            seed=config.run.seed,
+            unlabelled=config.run.demo_unlabelled,
+        )
+    world = json.loads(world_summary.read_text())
+    have = world.get("num_videos")
     if have != config.run.demo_videos:
         raise ConfigError(
             f"run.demo_videos: {config.run.demo_videos}, but the synthetic world in {annotations.parent} "
             f"has {have} videos; delete that folder to rebuild it, or set run.demo_videos={have}"
+        )
+    if world.get("unlabelled", 0.0) != config.run.demo_unlabelled:
+        raise ConfigError(
+            f"run.demo_unlabelled: {config.run.demo_unlabelled}, but the synthetic world in "
+            f"{annotations.parent} leaves {world.get('unlabelled', 0.0)} of its training videos unlabelled; "
+            "delete that folder to rebuild it, or use another data.annotations folder"
         )
     model_dir = Path(config.model.pretrained)
     if not (model_dir / PRETRAIN_FILE).exists():  # written last: the model is complete

@@ -46,6 +46,8 @@ class RunConfig:
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
     demo_videos: int = 600
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
+    demo_unlabelled: float = 0.0
+    """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
