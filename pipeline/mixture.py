@@ -236,10 +236,18 @@ def mixture_job(job: Any, config: Config, model: Any) -> Any:
             source = make_source(set_config, model, records, config.train.source)
             available = set(source.available([r.video_id for r in records]))
             missing = [r.video_id for r in records if r.video_id not in available]
+            failed = source.store.failed() if hasattr(source, "store") else {}
+            unextracted = [v for v in missing if v not in failed]
+            if unextracted:
+                raise StageError(
+                    f"train set {train_set.name!r}: {len(unextracted)} of its {len(records)} videos are not "
+                    f"extracted into {set_cache_path(config, train_set)} (e.g. {unextracted[0]!r}): "
+                    "run the extract_sets stage first"
+                )
             if missing:
                 job.log.warning(
-                    "train set %s: %d of %d videos are not in its %s (run extract_sets), e.g. %s",
-                    train_set.name, len(missing), len(records), config.train.source, ", ".join(missing[:3]),
+                    "train set %s: %d of %d videos failed to extract, training without them, e.g. %s",
+                    train_set.name, len(missing), len(records), ", ".join(missing[:3]),
                 )  # fmt: skip
             records = [r for r in records if r.video_id in available]
             if not records:

@@ -167,3 +167,21 @@ def test_train_stage_on_a_mixture_resumes_bit_for_bit(tiny_world, tmp_path, one_
     assert "resuming from" in (out / "log.txt").read_text()
     resumed = load_file(str(final))
     assert all(torch.equal(reference[k], resumed[k]) for k in reference)
+
+
+def test_a_set_not_yet_extracted_is_refused_with_the_stage_to_run(tiny_world, tmp_path, one_thread):
+    import stages.train as train
+    from pipeline.errors import StageError
+
+    path = Path(_pseudo_set(tiny_world, tmp_path))
+    with path.open("a") as f:
+        f.write(
+            json.dumps({"video": "/elsewhere/new.mp4", "video_id": "new", "caption": "a new video"}) + "\n"
+        )
+    sets = [{"name": "lab"}, {"name": "ps", "format": "captions_jsonl", "annotations": str(path),
+                              "cache": tiny_world["cache"]}]  # fmt: skip
+    config = tiny_config(tiny_world, tmp_path / "run", data={"train_sets": sets}, train={"epochs": 1})
+    with pytest.raises(
+        StageError, match=r"train set 'ps': 1 of its 13 videos are not extracted .*'new'.*extract_sets"
+    ):
+        train.run(config)
