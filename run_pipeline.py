@@ -8,6 +8,12 @@ A stage whose `DONE.json` fingerprint matches the config is skipped; a stage tha
 off resumes from its own checkpoints; a finished stage whose settings changed is refused
 unless named in `--force`. At the end, `<run.output_dir>/summary.json` records what ran,
 how long each stage took and the evaluation metrics of every evaluated model.
+
+The pseudo-labelling loop (`configs/demo_pseudo.yaml`) runs stages twice, as named instances on
+a derived config, each in its own folder with its own DONE.json: `train_labelled` (`train` on the
+labelled data alone), `pseudo_caption` (`caption` of an unlabelled pool with that model),
+`extract_sets` (`extract` of each extra training set into its own store); `train` then trains on
+the mixture `data.train_sets` names.
 """
 
 from __future__ import annotations

@@ -202,13 +202,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=int, default=256, help="videos per store for --loader")
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--batches", type=int, default=100, help="timed batches per loader measurement")
+    parser.add_argument(
+        "--plan-videos", type=int, default=1_000_000, help="pseudo-labelled videos for --plan"
+    )
     args = parser.parse_args(argv)
     if not (args.table or args.loader or args.plan):
         parser.error("choose --table, --loader and/or --plan")
     if args.loader:
         loader(args.shape, args.videos, args.batch, args.batches)
     if args.plan:
-        plan_cost(10_000, 1_000_000, 64)
+        plan_cost(max(1, args.plan_videos // 100), args.plan_videos, 64)
     if args.table:
         table()
 
