@@ -138,7 +138,7 @@ def _examples_per_s(plan, source, batches: int, workers: int) -> float:
     return examples / (time.perf_counter() - started)
 
 
-def loader(shape_name: str, videos: int, batch: int, batches: int) -> None:
+def loader(shape_name: str, videos: int, batch: int, batches: int, worker_counts: list[int]) -> None:
     from pipeline.data import CacheSource, TrainPlan
     from pipeline.mixture import MixturePlan, MixtureSource
 
@@ -156,7 +156,7 @@ def loader(shape_name: str, videos: int, batch: int, batches: int) -> None:
         print(f"\ntraining data loader, CPU: {videos} videos per store, tokens {shape} float16 "
               f"({mb:.2f} MB per video), batch {batch}, {batches} batches timed")  # fmt: skip
         print(f"{'plan':<26}{'workers':>8}{'examples/s':>12}{'MB/s':>9}")
-        for workers in (0, 2):
+        for workers in worker_counts:
             for name, plan, src in (
                 ("single set", single, labelled),
                 ("mixture 1:3 (2 stores)", mixture, source),
@@ -202,6 +202,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--videos", type=int, default=256, help="videos per store for --loader")
     parser.add_argument("--batch", type=int, default=8, help="global batch")
     parser.add_argument("--batches", type=int, default=100, help="timed batches per loader measurement")
+    parser.add_argument("--workers", default="0,2", help="loader worker processes to try, comma-separated")
     parser.add_argument(
         "--plan-videos", type=int, default=1_000_000, help="pseudo-labelled videos for --plan"
     )
@@ -209,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.table or args.loader or args.plan):
         parser.error("choose --table, --loader and/or --plan")
     if args.loader:
-        loader(args.shape, args.videos, args.batch, args.batches)
+        loader(args.shape, args.videos, args.batch, args.batches, [int(w) for w in args.workers.split(",")])
     if args.plan:
         plan_cost(max(1, args.plan_videos // 100), args.plan_videos, 64)
     if args.table:

@@ -264,11 +264,11 @@ def test_the_loop_killed_at_a_stage_boundary_finishes_when_rerun(loop_world, tmp
 
 def test_bench_pseudo_smoke_run_prints_loader_and_plan_rates():
     args = [sys.executable, str(ROOT / "benchmarks/bench_pseudo.py"), "--loader", "--videos", "8", "--batch", "4",
-            "--batches", "3", "--plan", "--plan-videos", "2000"]  # fmt: skip
+            "--batches", "3", "--workers", "0", "--plan", "--plan-videos", "2000"]  # fmt: skip
     out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert out.returncode == 0, out.stderr
     rows = [
         line.split() for line in out.stdout.splitlines() if line.startswith(("single set", "mixture 1:3"))
     ]
-    assert len(rows) == 4 and all(float(row[-2]) > 0 for row in rows)
+    assert len(rows) == 2 and all(float(row[-2]) > 0 for row in rows)
     assert '"steps_per_epoch": 8' in out.stdout  # 20 labelled videos: 1 step of 64, drawn with p = 1/8
