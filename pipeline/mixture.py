@@ -165,7 +165,7 @@ class MixtureSource:
 
     def __init__(self, sources: dict[str, Any], default: Any):
         self.sources, self.default = sources, default
-        self.needs_vision = default.needs_vision
+        self.needs_vision, self.fresh_views = default.needs_vision, default.fresh_views
         self.num_views, self.num_frames = default.num_views, default.num_frames
         self.reader = MixtureReader({n: s.reader for n, s in sources.items()}, default.reader)
 
@@ -258,6 +258,7 @@ def mixture_job(job: Any, config: Config, model: Any) -> Any:
                 job.plan.captions,
                 num_views=source.num_views,
                 global_batch=job.plan.global_batch,
+                fresh_views=source.fresh_views,
             )
         if source.num_frames != job.source.num_frames:
             raise StageError(
