@@ -185,3 +185,15 @@ def test_a_set_not_yet_extracted_is_refused_with_the_stage_to_run(tiny_world, tm
         StageError, match=r"train set 'ps': 1 of its 13 videos are not extracted .*'new'.*extract_sets"
     ):
         train.run(config)
+
+
+def test_vidcap_plan_shows_the_mixture_and_its_epoch(tiny_world, tmp_path):
+    from pipeline.plan import format_plan, plan_config
+
+    sets = [{"name": "lab", "ratio": 1}, {"name": "ps", "ratio": 3, "format": "captions_jsonl",
+                                          "annotations": "p.jsonl", "filter": {"top_fraction": 0.5}}]  # fmt: skip
+    config = tiny_config(tiny_world, tmp_path / "run", data={"train_sets": sets}, train={"epochs": 1})
+    train_plan = next(p for p in plan_config(config, gpus=1) if p.stage == "train")
+    assert train_plan.steps_per_epoch == 12  # 12 labelled videos / 4 = 3 steps, drawn with p = 1/4
+    text = format_plan([train_plan], "c.yaml")
+    assert "lab 25.0% of the steps" in text and "ps 75.0% of the steps" in text and "top 50%" in text
