@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -49,7 +50,12 @@ def train_labelled(config: Config, force: bool = False) -> dict[str, Any]:
 
 def pseudo_caption(config: Config, force: bool = False) -> dict[str, Any]:
     """`caption` of the pooled train set's videos with the `train_labelled` model, into its annotations."""
-    return caption.run(pseudo_caption_config(config), force=force)
+    derived = pseudo_caption_config(config)
+    if force:  # the pseudo-labels were the previous teacher's: a resume would keep them
+        out = Path(derived.caption.out)
+        out.unlink(missing_ok=True)
+        shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+    return caption.run(derived, force=force)
 
 
 def extract_sets(config: Config, force: bool = False) -> dict[str, Any]:

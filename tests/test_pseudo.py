@@ -202,6 +202,7 @@ def loop_world(tmp_path_factory, tiny_models):
     return world, tiny_models["tiny-t5"], root
 
 
+@pytest.mark.slow  # 14 s alone, 26 s beside another run on 2 cores
 def test_the_loop_runs_end_to_end_then_skips_every_stage(loop_world, one_thread):
     from run_pipeline import run_pipeline
 
@@ -233,6 +234,12 @@ def test_the_loop_runs_end_to_end_then_skips_every_stage(loop_world, one_thread)
     again = run_pipeline(config)
     statuses = {name: info["status"] for name, info in again["stages"].items()}
     assert all(s == "skipped" for n, s in statuses.items() if n != "extract_sets"), statuses
+
+    out = run / "pseudo_caption" / "captions.jsonl"  # as if made by an earlier teacher
+    out.write_text(out.read_text().replace(records[0]["caption"], "a stale pseudo label"))
+    run_pipeline(config, stages=["pseudo_caption"], force=["pseudo_caption"])
+    redone = list(read_records(out))
+    assert [r["caption"] for r in redone] == [r["caption"] for r in records]  # captioned anew, not resumed
 
 
 @pytest.mark.slow
