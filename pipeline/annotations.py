@@ -40,7 +40,7 @@ from pipeline.errors import AnnotationError
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
 
-FORMATS = ("jsonl", "msrvtt", "lavis", "msvd", "vatex")
+FORMATS = ("jsonl", "msrvtt", "lavis", "msvd", "vatex", "captions_jsonl")
 SPLIT_ORDER = ("train", "val", "test")
 
 
@@ -146,6 +146,7 @@ def read_annotations(
         "lavis": read_lavis,
         "msvd": read_lavis,
         "vatex": read_vatex,
+        "captions_jsonl": read_captions_jsonl,
     }
     if fmt not in readers:
         raise AnnotationError(f"unknown annotation format {fmt!r}; choose from {', '.join(FORMATS)}")
@@ -243,6 +244,58 @@ def read_jsonl(path: Path, video_root: str | Path = "", video_ext: str = ".mp4")
             captions = _captions(row.get("captions") or [], path, where + " captions")
             records.append(VideoRecord(video_id, _resolve(root, video), split, captions))
     return Manifest(records, str(path), {r.split: [str(path)] for r in records})
+
+
+def read_captions_jsonl(
+    path: Path,
+    video_root: str | Path = "",
+    video_ext: str = ".mp4",
+    score: str = "confidence",
+    min_confidence: float = 0.0,
+    top_fraction: float = 1.0,
+) -> Manifest:
+    """What `vidcap caption` writes, as a training set: one ``{"video", "caption", ...}`` per line.
+
+    Each captioned record becomes a video of split ``train`` with its one caption; the id is the
+    record's ``video_id``, else its ``video`` path. Error records and torn lines are skipped.
+    Filter: keep records whose `score` field (``confidence``, ``beam_agreement``) is at least
+    `min_confidence`, then the `top_fraction` best of those (ties broken by file order).
+    """
+    root = _root(path, video_root)
+    kept: list[tuple[float, int, VideoRecord]] = []
+    seen: dict[str, int] = {}
+    with path.open(encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.endswith("\n") or not line.strip():
+                continue  # a torn last line: its video was not finished
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise AnnotationError(f"{path}:{number}: invalid JSON: {e.msg}") from None
+            if not isinstance(row, dict) or "error" in row:
+                continue
+            where = f"line {number}"
+            if "window" in row:
+                _fail(path, where, "captions of windows cannot be a training set (caption whole videos)")
+            video = _string(row, "video", path, where)
+            video_id = str(row.get("video_id") or video)
+            caption = _string(row, "caption", path, f"{where} (video {video!r})")
+            if video_id in seen:
+                _fail(path, where, f"duplicate video {video_id!r} (first on line {seen[video_id]})")
+            seen[video_id] = number
+            value = row.get(score)
+            if not isinstance(value, (int, float)):
+                if min_confidence > 0 or top_fraction < 1:
+                    _fail(path, where, f"no {score!r} to filter by (caption it with this version of vidcap)")
+                value = 0.0
+            if value >= min_confidence:
+                kept.append(
+                    (float(value), number, VideoRecord(video_id, _resolve(root, video), "train", (caption,)))
+                )
+    if top_fraction < 1:
+        kept.sort(key=lambda k: (-k[0], k[1]))
+        kept = sorted(kept[: round(len(kept) * top_fraction)], key=lambda k: k[1])
+    return Manifest([record for _, _, record in kept], str(path))
 
 
 MSRVTT_SPLITS = {"train": "train", "validate": "val", "val": "val", "test": "test"}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,8 @@ class StagePlan:
     trainable: dict[str, int] | str
     prompt: str
     generation: dict[str, Any] = field(default_factory=dict)
+    mixture: str = ""
+    """`data.train_sets` of a CE stage: each set's share of the batches (`pipeline/mixture.py`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,6 +92,10 @@ def _stage_plan(
     videos, pairs, source = counts["videos"], counts["pairs"], counts["from"]
     examples = None if videos is None else (pairs if args.captions == "all" else videos)
     steps_per_epoch = -(-examples // args.batch_size) if examples else None
+    mixture = _mixture(config) if stage == "train" and config.data.train_sets else ""
+    if mixture and steps_per_epoch and not config.data.train_sets[0].annotations:
+        share = config.data.train_sets[0].ratio / sum(s.ratio for s in config.data.train_sets)
+        steps_per_epoch = math.ceil(steps_per_epoch / share)  # as `MixturePlan`
     total = args.max_steps or (steps_per_epoch * args.epochs if steps_per_epoch else None)
     try:
         gpu_batch, accumulation, batch_error = *args.accumulation(gpus), ""
@@ -126,7 +133,20 @@ def _stage_plan(
         trainable=trainable,
         prompt=config.model.prompt,
         generation=_generation(config, stage),
+        mixture=mixture,
     )
+
+
+def _mixture(config: Config) -> str:
+    """One global batch per step from one set, drawn with probability ratio / sum (as LAVIS)."""
+    total = sum(s.ratio for s in config.data.train_sets)
+    parts = []
+    for s in config.data.train_sets:
+        what = f"{s.format} {s.annotations}" if s.annotations else "the data section's training split"
+        if s.format == "captions_jsonl" and (s.filter.min_confidence > 0 or s.filter.top_fraction < 1):
+            what += f"; {s.filter.score} >= {s.filter.min_confidence}, top {100 * s.filter.top_fraction:g}%"
+        parts.append(f"{s.name} {100 * s.ratio / total:.1f}% of the steps ({what})")
+    return "; ".join(parts) + "; an epoch sees the first set once in expectation"
 
 
 def _train_counts(config: Config) -> dict[str, Any]:
@@ -316,4 +336,5 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
         ("precision", "; ".join(f"{k} {v}" for k, v in p.precision.items()) + " (on GPU; fp32 on CPU)"),
         ("trainable", trainable),
         ("generation", generation),
+        *([("mixture", p.mixture)] if p.mixture else []),
     ]

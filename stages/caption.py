@@ -9,8 +9,14 @@ manifests: our JSONL (`video` or `video_id` per line), a CSV with a `path` (or `
 column, or a `.txt` list of paths (`pipeline/inputs.py`).
 Each video becomes one JSON line in OUT:
 
-    {"video": "/abs/path.mp4", "caption": "a man is cooking", "model": ..., "num_frames": 8,
-     "sampling": "uniform"}                         # or "error": "<why it could not be read>"
+    {"video": "/abs/path.mp4", "caption": "a man is cooking", "confidence": 0.83, "mean_logprob": -0.19,
+     "beam_agreement": 0.71, "model": ..., "num_frames": 8, "sampling": "uniform"}
+                                                    # or "error": "<why it could not be read>"
+
+`confidence` (geometric-mean token probability of the caption), `mean_logprob` and, with beam
+search, `beam_agreement` (word overlap of the top beams) are `pipeline/confidence.py`'s; they make
+OUT a training set that keeps only confident captions (`format: captions_jsonl`, README,
+Pseudo-labelling).
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
@@ -48,6 +54,7 @@ from typing import Any
 
 import torch
 
+from pipeline.confidence import captions_with_confidence
 from pipeline.config import Config, absolute_path, model_location
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
@@ -256,10 +263,11 @@ def caption_task(
 
 def _caption_batch(
     model: Any, pixels: Any, device: str, config: Config, timers: dict[str, float]
-) -> list[str]:
+) -> list[dict[str, Any]]:
+    """`{"caption", "confidence", "mean_logprob"[, "beam_agreement"]}` per clip (`pipeline/confidence.py`)."""
 
     cap = config.caption
-    texts: list[str] = []
+    texts: list[dict[str, Any]] = []
     for first in range(0, pixels.shape[0], cap.batch_size):  # a long video's windows: several calls
         started = time.perf_counter()
         tokens = model.encode_frames(pixels[first : first + cap.batch_size])  # (B, T, L, D)
@@ -267,13 +275,9 @@ def _caption_batch(
             torch.cuda.synchronize()  # so the ViT's time is not billed to generate
         timers["vit_s"] += time.perf_counter() - started
         started = time.perf_counter()
-        out = model.generate(
-            tokens,
-            num_beams=cap.num_beams,
-            max_new_tokens=cap.max_new_tokens,
-            min_new_tokens=cap.min_new_tokens,
+        texts += captions_with_confidence(
+            model, tokens, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens
         )
-        texts += out.texts
         timers["generate_s"] += time.perf_counter() - started
     return texts
 
@@ -300,12 +304,12 @@ class _ClipBatch:
 
         return torch.stack([c.pixels for c in self.clips])  # (B, T, 3, S, S)
 
-    def records(self, captions: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
-        records = [_record(c, base, caption=text) for c, text in zip(self.clips, captions, strict=True)]
+    def records(self, captions: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+        records = [_record(c, base, **caption) for c, caption in zip(self.clips, captions, strict=True)]
         return records + [_record(c, base, error=c.error) for c in self.errors]
 
 
-def _record(clip: _Clip, base: dict[str, Any], **result: str) -> dict[str, Any]:
+def _record(clip: _Clip, base: dict[str, Any], **result: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"video": clip.item.video}
     if clip.item.video_id:
         record["video_id"] = clip.item.video_id
