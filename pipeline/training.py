@@ -88,7 +88,7 @@ class Validation:
     """Raw reference captions per video (tokenised with `simple_tokenize` for scoring)."""
     batch_size: int = 16
     max_new_tokens: int = 32
-    min_new_tokens: int = 5
+    min_new_tokens: int | None = None  # None: the model flavour's seed rule
     num_beams: int = 1
     select: str = "cider"
     """`cider`: CIDEr-D; `beam_cider_bleu4`: CIDEr-D + BLEU-4 (LAVIS's `agg_metrics`), with `num_beams`."""

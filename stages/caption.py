@@ -213,7 +213,7 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
             model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
         else:  # a base BLIP-2: zero-shot with config.model's settings
             model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
-        return model, {"num_frames": model.cfg.num_frames, "image_size": model.cfg.image_size}
+        return model, {"num_frames": model.cfg.num_frames, "image_size": model.image_size}
 
     key = ("captioner", model_path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), device)
     model, settings = worker_cached(key, load)

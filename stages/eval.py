@@ -56,6 +56,7 @@ from pipeline.runtime.files import atomic_write_bytes, atomic_write_json
 from pipeline.runtime.stage import Stage, StageError, progress, resolve_device
 from pipeline.sampling import VIEW_SCHEME
 from pipeline.video import VideoDecodeError
+from pipeline.vision import frame_size
 
 MODEL_KEYWORDS = {"ce": "train", "scst": "scst"}  # keyword -> stage whose `best/` it is
 ZERO_SHOT = "zero_shot"
@@ -157,7 +158,7 @@ def choose_source(config: Config, video_ids: Sequence[str], log: Any) -> str:
     size and sampling, and every video of the split is done or recorded as failed in it (a video
     that failed to decode there would fail here too)."""
     wanted = config.eval.source
-    if wanted == "video":
+    if wanted == "video" or config.model.vit != "frozen":  # a trained ViT never reads the cache
         return "video"
     reason = _cache_problem(config, video_ids)
     if reason is None:
@@ -183,7 +184,7 @@ def _cache_problem(config: Config, video_ids: Sequence[str]) -> str | None:
         # The ViT weights' hash needs the ViT itself; the sampling settings are checked here.
         wanted = {
             "num_frames": config.model.num_frames,
-            "image_size": config.model.image_size,
+            "image_size": frame_size(config.model),
             "sampling": VIEW_SCHEME,
         }
         differences = diff_fingerprints({k: store.fingerprint.get(k) for k in wanted}, wanted)

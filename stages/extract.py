@@ -58,7 +58,7 @@ from pipeline.runtime.cluster import (
 from pipeline.runtime.stage import Stage, StageError, resolve_device
 from pipeline.sampling import VIEW_SCHEME, normalize_frames
 from pipeline.video import VideoDecodeError, load_clip
-from pipeline.vision import FrameEncoder
+from pipeline.vision import FrameEncoder, frame_size
 
 STORE_DTYPE = "float16"
 MAX_FAILURES_IN_SUMMARY = 50
@@ -141,7 +141,7 @@ def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
         "tokens_per_frame": vit["tokens_per_frame"],
         "width": vit["width"],
         "num_frames": config.model.num_frames,
-        "image_size": config.model.image_size,
+        "image_size": vit["image_size"],
         "sampling": VIEW_SCHEME,
         "views": 1 + config.cache.train_views,
         "seed": config.run.seed,
@@ -175,7 +175,7 @@ def load_vit(config: Config) -> tuple[Any, str, str]:
         device,
     )
     model = worker_cached(key, load)
-    dtype = str(model.compute_dtype or torch.float32).removeprefix("torch.")  # bf16 autocast on CUDA
+    dtype = model.precision  # "float32", or bf16 autocast on CUDA (pipeline.vision.VIT_PRECISION)
     return model, device, dtype
 
 
@@ -186,6 +186,7 @@ def describe_vit(config: Config) -> dict[str, Any]:
     return {
         "weights_sha256": worker_cached(key, lambda: hash_weights(model.vision_model)),
         "tokens_per_frame": int(model.tokens_per_frame),
+        "image_size": int(model.image_size),
         "width": int(model.vision_width),
         "device": device,
         "dtype": dtype,
@@ -317,7 +318,7 @@ def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float, l
             frames = load_clip(
                 path,
                 config.model.num_frames,
-                config.model.image_size,
+                frame_size(config.model),
                 view=view,
                 seed=config.run.seed,
                 video_id=video_id,
