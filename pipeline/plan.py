@@ -359,7 +359,10 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
             f"AdamW, weight decay {p.weight_decay} (not on {', '.join(p.no_decay) or 'nothing'}, nor 1-d); "
             f"gradient clipping {p.grad_clip or 'off'}",
         ),
-        ("frames", f"{p.frames} at {p.image_size} px; {p.views}"),
+        (
+            "frames",
+            f"{p.frames} at {f'{p.image_size} px' if p.image_size else 'the checkpoint image size'}; {p.views}",
+        ),
         ("precision", "; ".join(f"{k} {v}" for k, v in p.precision.items()) + " (on GPU; fp32 on CPU)"),
         ("trainable", trainable),
         ("generation", generation),
