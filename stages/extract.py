@@ -26,7 +26,6 @@ status per video.
 
 from __future__ import annotations
 
-import hashlib
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +37,7 @@ import torch
 from cache.store import FeatureStore
 from pipeline.annotations import load_manifest
 from pipeline.config import Config
+from pipeline.features import cache_fingerprint, hash_weights
 from pipeline.runtime.cluster import (
     Tally,
     chunk_size_for,
@@ -52,16 +52,17 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
-from pipeline.runtime.stage import Stage, StageError, resolve_device
-from pipeline.sampling import VIEW_SCHEME, normalize_frames
+from pipeline.runtime.locks import output_lock
+from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_entry
+from pipeline.sampling import normalize_frames
 from pipeline.video import VideoDecodeError, load_clip
 from pipeline.vision import FrameEncoder
 
-STORE_DTYPE = "float16"
 MAX_FAILURES_IN_SUMMARY = 50
 Video = tuple[str, str]  # (video_id, path)
 
 
+@stage_entry("extract")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary."""
     stage = Stage(config, "extract", force=force)
@@ -70,7 +71,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     started = time.time()
     videos = manifest_videos(config)
     ex = config.extract
-    with dask_client(ex.workers, ex.scheduler) as client:
+    with output_lock(config.cache_path, "feature store"), dask_client(ex.workers, ex.scheduler) as client:
         mode = describe_client(client)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
         store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
@@ -123,19 +124,7 @@ def manifest_videos(config: Config) -> list[Video]:
 
 def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
     """Everything that determines the cached tokens (the store refuses to mix two of these)."""
-    return {
-        "vit_weights_sha256": vit["weights_sha256"],
-        "tokens_per_frame": vit["tokens_per_frame"],
-        "width": vit["width"],
-        "num_frames": config.model.num_frames,
-        "image_size": config.model.image_size,
-        "sampling": VIEW_SCHEME,
-        "views": 1 + config.cache.train_views,
-        "seed": config.run.seed,
-        "compute_dtype": vit["dtype"],
-        "store_dtype": STORE_DTYPE,
-        "decode_backend": config.decode.backend,
-    }
+    return cache_fingerprint(config, vit)
 
 
 # ----------------------------------------------------------------------------------------
@@ -177,17 +166,6 @@ def describe_vit(config: Config) -> dict[str, Any]:
         "device": device,
         "dtype": dtype,
     }
-
-
-def hash_weights(module: Any) -> str:
-    """SHA-256 of a module's tensors (names, dtypes, shapes and bytes), independent of the model id."""
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def _same_vit_everywhere(vits: list[dict[str, Any]]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def test_changed_settings_are_refused_with_the_difference(tmp_path):
 def test_force_redoes_and_can_start_fresh(tmp_path):
     Stage(_config(tmp_path), "extract").finish({})
     (tmp_path / "run/extract/partial.bin").write_bytes(b"x")
-    stage = Stage(_config(tmp_path), "extract", force=True, fresh_on_force=True)
+    stage = Stage(_config(tmp_path), "extract", force=True)
     assert not stage.done
     assert not (tmp_path / "run/extract/partial.bin").exists()
     assert read_done(_config(tmp_path), "extract") is None
