@@ -66,7 +66,7 @@ def load_vision_model(pretrained: str | Path) -> tuple[Blip2VisionModel, Blip2Co
         vit = Blip2VisionModel(config.vision_config)
     state = {}
 
-    for path in vision_files(pretrained):
+    for path in _vision_files(pretrained):
         with safe_open(str(path), framework="pt") as f:
             for key in f.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
                 if key.startswith(PREFIX):
@@ -81,10 +81,15 @@ def load_vision_model(pretrained: str | Path) -> tuple[Blip2VisionModel, Blip2Co
 
 
 def vision_files(pretrained: str | Path) -> list[Path]:
+    """The safetensors files holding `vision_model.*` tensors (`pipeline.features` hashes them)."""
+    return _vision_files(pretrained)
+
+
+def _vision_files(pretrained: str | Path) -> list[Path]:
     """The safetensors files holding `vision_model.*` tensors: local, or downloaded from the hub."""
     folder = Path(pretrained)
     if not folder.is_dir():
-        return _hubvision_files(str(pretrained))
+        return _hub_vision_files(str(pretrained))
     if (folder / INDEX_FILE).exists():
         return _from_index(folder / INDEX_FILE, folder.joinpath)
     if (folder / SINGLE_FILE).exists():
@@ -94,7 +99,7 @@ def vision_files(pretrained: str | Path) -> list[Path]:
     )
 
 
-def _hubvision_files(repo_id: str) -> list[Path]:
+def _hub_vision_files(repo_id: str) -> list[Path]:
 
     def fetch(name: str) -> Path:
         return Path(huggingface_hub.hf_hub_download(repo_id, name))

@@ -325,3 +325,18 @@ def test_eval_refuses_a_model_of_other_frames_than_the_cache(tiny_world, tmp_pat
     assert (
         eval_stage.source_for_model(auto, zero_shot, "cache", Log()) == "cache"
     )  # the model it was made with
+
+
+def test_a_reader_hashes_the_vit_from_the_files_as_extract_hashes_the_loaded_one(tiny_world):
+    import torch
+
+    from pipeline.config import ModelConfig
+    from pipeline.features import hash_weights, vit_weights_sha256
+    from pipeline.vision import FrameEncoder
+
+    encoder = FrameEncoder.from_pretrained(
+        tiny_world["model"], ModelConfig(num_frames=4, image_size=32), "cpu"
+    )
+    assert vit_weights_sha256(tiny_world["model"], "float32") == hash_weights(encoder.vision_model)
+    encoder.vision_model.to(torch.bfloat16)  # what extract hashes under bf16 autocast on CUDA
+    assert vit_weights_sha256(tiny_world["model"], "bfloat16") == hash_weights(encoder.vision_model)
