@@ -415,9 +415,16 @@ def _cache_state(config: Any, name: str) -> dict[str, Any]:
         return {}
     try:
         store = FeatureStore.open(config.cache_path)
-        return {"cache": {"done": len(store.done_ids()), "failed": len(store.failed())}}
+        done, failed = store.done_ids(), set(store.failed())
     except StoreError:
         return {}  # make_source says what is wrong with it
+    manifest = load_manifest(config.data)
+    ids = [
+        r.video_id
+        for split in (config.data.train_split, config.data.val_split)
+        for r in manifest.split(split)
+    ]
+    return {"cache": {"done": sum(v in done for v in ids), "failed": sum(v in failed for v in ids)}}
 
 
 def finish_stage(stage: Any, env: DistEnv, summary: dict[str, Any]) -> dict[str, Any]:

@@ -119,6 +119,28 @@ def test_a_forced_run_that_finishes_deletes_what_it_replaced(tiny_world, tmp_pat
     assert not (tmp_path / "run" / ".eval.replaced").exists()
 
 
+def test_a_forced_run_killed_midway_keeps_the_old_result_aside_until_a_run_finishes(tiny_world, tmp_path):
+    config = tiny_config(tiny_world, tmp_path / "run")
+    Stage(config, "eval").finish({"CIDEr": 0.9})
+    release(config.stage_dir("eval"), all_levels=True)  # as `stage_entry` does when `run` returns
+    killed = textwrap.dedent(f"""
+        import json, os, signal
+        from pipeline.config import config_from_dict
+        from pipeline.runtime.stage import Stage
+        stage = Stage(config_from_dict(json.loads({json.dumps(config.to_dict())!r})), "eval", force=True)
+        (stage.dir / "half.json").write_text("{{}}")
+        os.kill(os.getpid(), signal.SIGKILL)
+    """)
+    result = subprocess.run([sys.executable, "-c", killed], env=ENV)
+    assert result.returncode == -signal.SIGKILL
+    aside = tmp_path / "run" / ".eval.replaced"
+    assert json.loads((aside / "DONE.json").read_text())["summary"]["CIDEr"] == 0.9  # not lost
+    resumed = Stage(config, "eval")  # the killed forced run's folder, resumed
+    assert not resumed.done and (resumed.dir / "half.json").exists()
+    resumed.finish({"CIDEr": 0.8})
+    assert not aside.exists() and read_done(config, "eval")["summary"]["CIDEr"] == 0.8
+
+
 def test_caption_out_equal_to_an_input_manifest_is_refused(tiny_world, tmp_path):
     from stages.caption import caption_videos
 

@@ -125,9 +125,10 @@ class Stage:
             "run_id": uuid.uuid4().hex,  # what downstream stages record of this result
         }
         atomic_write_json(self.dir / DONE_FILE, record)
-        aside = _replaced.pop(self.dir, None)
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+        # What --force moved aside (in this process, or in one killed before it finished) has now
+        # been replaced by a finished result.
+        _replaced.pop(self.dir, None)
+        shutil.rmtree(_aside_path(self.dir, self.name), ignore_errors=True)
         self.summary = summary
         self.log.info("stage %s: done in %.1f s", self.name, seconds)
         return summary
@@ -210,12 +211,16 @@ def _move_aside(folder: Path, name: str) -> None:
             f"--force would replace {folder}, which vidcap did not write (no {DONE_FILE} or {CONFIG_FILE} "
             "in it); refusing to touch it: choose another run.output_dir or move it yourself"
         )
-    aside = folder.parent / f".{name}.replaced"
+    aside = _aside_path(folder, name)
     if aside.exists():  # a forced run before this one never finished: keep the result it replaced
         shutil.rmtree(folder)
     else:
         os.rename(folder, aside)
     _replaced[folder] = aside
+
+
+def _aside_path(folder: Path, name: str) -> Path:
+    return folder.parent / f".{name}.replaced"
 
 
 def _put_back(folder: Path) -> None:
