@@ -26,6 +26,7 @@ status per video.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ from pipeline.runtime.cluster import (
     prefetch_map,
     progress_counter,
     release_cached,
+    require_shared_paths,
     run_chunks,
     split_chunks,
     worker_cached,
@@ -69,12 +71,17 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     if stage.done:
         return stage.summary
     started = time.time()
+    config = config.with_absolute_paths()  # what the workers get, wherever they were started
     videos = manifest_videos(config)
     ex = config.extract
     with output_lock(config.cache_path, "feature store"), dask_client(ex.workers, ex.scheduler) as client:
         mode = describe_client(client)
+        first_video = os.path.dirname(videos[0][1]) if videos else ""
+        shared = {"model folder": _local(config.model.pretrained), "video folder": first_video}
+        require_shared_paths(client, shared, stage.log)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
         store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
+        require_shared_paths(client, {"feature store": str(store.path)}, stage.log)
         pending = set(store.pending_ids())
         todo = [v for v in videos if v[0] in pending]
         skipped = len(store.done_ids())
@@ -98,6 +105,11 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         summary["vit_s"], summary["write_s"],
     )  # fmt: skip
     return stage.finish(summary)
+
+
+def _local(model: str) -> str:
+    """The model's folder if it is one here (workers must see it too), else "" (a hub id)."""
+    return model if os.path.isabs(model) else ""
 
 
 def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwrite: bool = False) -> Any:
