@@ -353,6 +353,10 @@ class TrainConfig(OptimArgs):
     """Validate on at most N videos of the validation split (0: all)."""
     num_workers: int = 2
     """Data loader workers reading the cache (0: main process)."""
+    allow_no_validation: bool = False
+    """Train although no validation video is available (then `best/` is simply the last epoch's model)."""
+    allow_partial_cache: bool = False
+    """Train although videos of the train or validation split are still pending in the cache (not yet extracted)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
