@@ -40,7 +40,7 @@ import torch.distributed as dist
 from pycocoevalcap.bleu.bleu import Bleu
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.annotations import load_manifest
+from pipeline.annotations import load_manifest, require_references
 from pipeline.checkpoints import (
     LoopState,
     check_checkpoint_plan,
@@ -88,7 +88,7 @@ class Validation:
     """Raw reference captions per video (tokenised with `simple_tokenize` for scoring)."""
     batch_size: int = 16
     max_new_tokens: int = 32
-    min_new_tokens: int = 5
+    min_new_tokens: int | None = None  # None: the model flavour's seed rule
     num_beams: int = 1
     select: str = "cider"
     """`cider`: CIDEr-D; `beam_cider_bleu4`: CIDEr-D + BLEU-4 (LAVIS's `agg_metrics`), with `num_beams`."""
@@ -475,6 +475,8 @@ def build_job(
 
     source_kind = config.train.source
     manifest = load_manifest(config.data)
+    for split in (config.data.train_split, config.data.val_split):
+        require_references(manifest, split)  # before any training or captioning
     train_records = manifest.split(config.data.train_split)
     val_records = manifest.split(config.data.val_split)
     source = make_source(config, model, train_records + val_records, source_kind)

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.mixture import mixture_job
 from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
 from pipeline.runtime.distributed import setup_distributed
@@ -54,6 +55,8 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         config.model.pretrained, config.model, load_vision=config.train.source == "video", device=env.device
     )
     job = build_job(config, model, stage, env, LoopSettings.from_config(config, "train"))
+    if config.data.train_sets:  # validation stays on the labelled data; SCST trains on it alone
+        job = mixture_job(job, config, model)
     stage.log.info(
         "train: %d videos (%d examples per epoch, %d steps per epoch), %d validation videos, "
         "source %s, llm %s, %d trainable parameters, %d process(es) on %s",
