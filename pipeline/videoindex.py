@@ -10,6 +10,7 @@ decoded frame), and whether decord's random access would return exactly these fr
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +20,7 @@ import av
 import numpy as np
 
 from pipeline.errors import VideoDecodeError
+from pipeline.sampling import sample_frame_indices
 
 # Where decord's seeking and colours were checked exact against the `pyav` path (tests/test_decode_zoo.py).
 DECORD_CODECS = ("h264", "hevc", "vp8", "vp9", "mpeg4")
@@ -78,6 +80,40 @@ class VideoIndex:
     def slot_frames(self, slots: np.ndarray) -> np.ndarray:
         """The frame on screen at the middle of each time slot."""
         return frames_at(self.times, (np.asarray(slots) + 0.5) * self.slot_width)
+
+    def sample(
+        self,
+        num_frames: int,
+        mode: str = "uniform",
+        rng: np.random.Generator | None = None,
+        start_sec: float | None = None,
+        end_sec: float | None = None,
+    ) -> np.ndarray:
+        """The T frame indices (presentation order) of one view: `sample_frame_indices` over the
+        time slots in [start_sec, end_sec) (the whole video without them), each slot's frame the
+        one on screen at its middle. What `load_clip` decodes."""
+        first, stop = self.slot_range(start_sec, end_sec)
+        return self.slot_frames(first + sample_frame_indices(stop - first, num_frames, mode, rng))
+
+    def slot_range(self, start_sec: float | None, end_sec: float | None) -> tuple[int, int]:
+        """Slots [first, stop) in the time window [start_sec, end_sec); all of them without one."""
+        n = self.info.num_frames
+        if start_sec is None and end_sec is None:
+            return 0, n
+        if not self.slot_width > 0:
+            raise VideoDecodeError(self.path, "unknown duration: cannot cut a time window")
+        start = 0.0 if start_sec is None else float(start_sec)
+        end = math.inf if end_sec is None else float(end_sec)
+        if start < 0 or end <= start:
+            raise ValueError(f"time window [{start_sec}, {end_sec}) is empty or negative")
+        first = math.floor(start / self.slot_width + 1e-6)  # the slot under start_sec
+        if first >= n:
+            raise VideoDecodeError(
+                self.path,
+                f"window starts at {start:g}s, after the end of the video ({self.info.duration:g}s)",
+            )
+        stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end / self.slot_width - 1e-6)))
+        return first, stop
 
 
 def index_video(path: str | Path) -> VideoIndex:

@@ -13,7 +13,16 @@ import pytest
 from pipeline.demo.videozoo import ZOO_SKIPPED, frame_index, index_frames, make_video_zoo
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import sample_frame_indices
-from pipeline.video import decode_frames, frame_times, load_clip, probe_video, write_video
+from pipeline.video import (
+    decode_frames,
+    frame_rgb,
+    frame_times,
+    index_video,
+    iter_frames,
+    load_clip,
+    probe_video,
+    write_video,
+)
 
 BACKENDS = ["pyav", "decord"]
 ZOO = make_video_zoo.__globals__["_ZOO"]  # every file the zoo can make, made or skipped
@@ -202,3 +211,24 @@ def test_time_windows_follow_the_clock_on_variable_frame_rate(zoo, backend):
     ids = [frame_index(f) for f in load_clip(path, 4, 64, backend=backend, start_sec=1.5, end_sec=2.5)]
     assert all(1.5 - 0.1 <= times[k] < 2.5 for k in ids), (ids, times[ids].tolist())
     assert ids == sorted(ids) and len(set(ids)) == 4
+
+
+@pytest.mark.parametrize("name", DECODABLE)
+def test_one_pass_reading_gives_every_frame_once_in_order(zoo, name):
+    """iter_frames + frame_rgb (for one-pass readers of long videos) give the sequential decode."""
+    path, video = _video(zoo, name)
+    _, reference = _sequential(path)
+    index = index_video(path)
+    indices, frames = zip(*[(k, frame_rgb(f, index)) for k, f in iter_frames(index)], strict=True)
+    assert list(indices) == list(range(video.first_decodable, video.num_frames))
+    np.testing.assert_array_equal(np.stack(frames), reference)
+
+
+def test_a_window_samples_what_load_clip_decodes(zoo):
+    path, _ = _video(zoo, "vfr_vp8.webm")
+    index = index_video(path)
+    for start, end in ((0.0, 1.0), (1.0, 2.0), (2.0, 2.5), (0.4, 0.5)):
+        wanted = index.sample(4, start_sec=start, end_sec=end)
+        assert [
+            frame_index(f) for f in load_clip(path, 4, 64, start_sec=start, end_sec=end)
+        ] == wanted.tolist()
