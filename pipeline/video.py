@@ -30,8 +30,8 @@ Backends (`backend=`):
 * `decord`: random access by seeking, exact only where seeking is. It is used on a file only
   when every check passes: one video stream; H.264/HEVC whose keyframes are all IDR (open-GOP
   keyframes make decord land on the wrong frame), VP8/VP9, or MPEG-4 without B-frames; real
-  presentation times (not AVI); 8-bit 4:2:0 with the BT.601 or an untagged colour matrix
-  (elsewhere its colours differ from FFmpeg's); and, once open, decord's frame count, the
+  presentation times (not AVI); 8-bit 4:2:0 with a BT.601, BT.709 or untagged colour matrix
+  (its 10-bit colours differ from FFmpeg's); and, once open, decord's frame count, the
   timestamps of the requested frames and the frame size equal the probe's. Otherwise, or when
   decord fails, the frames come from `pyav` and the reason is appended to `fallbacks` (the
   `extract` and `caption` summaries count them under `decode_fallbacks`), never silently.

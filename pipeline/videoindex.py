@@ -25,7 +25,7 @@ from pipeline.sampling import sample_frame_indices
 # Where decord's seeking and colours were checked exact against the `pyav` path (tests/test_decode_zoo.py).
 DECORD_CODECS = ("h264", "hevc", "vp8", "vp9", "mpeg4")
 DECORD_PIX_FMTS = ("yuv420p", "yuvj420p")
-DECORD_COLORSPACES = (2, 5, 6)  # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M: both use BT.601
+DECORD_COLORSPACES = (1, 2, 5, 6)  # AVCOL_SPC_BT709, UNSPECIFIED, BT470BG, SMPTE170M (BT.601)
 IDR_NAL_TYPES = {"h264": (5,), "hevc": (19, 20)}  # keyframes a decoder can start from exactly
 NO_PTS_FORMATS = ("avi",)  # containers whose packet times are decode times, not presentation times
 
@@ -239,7 +239,7 @@ def _decord_refusal(container, stream, packets: _Packets, by_pts: bool) -> str:
     if context.pix_fmt not in DECORD_PIX_FMTS:
         return f"pixel format {context.pix_fmt}"
     if context.colorspace not in DECORD_COLORSPACES:
-        return f"colour matrix {context.colorspace} (not BT.601)"
+        return f"colour matrix {context.colorspace} (not BT.601 or BT.709)"
     if not by_pts:
         return f"no presentation times ({container.format.name})"
     if packets.rotation in (90, 270):

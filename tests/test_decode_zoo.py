@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.demo.videozoo import ZOO_SKIPPED, frame_index, index_frames, make_video_zoo
+from pipeline.demo.videozoo import BOTTOM, HEIGHT, ZOO_SKIPPED, frame_index, index_frames, make_video_zoo
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import sample_frame_indices
 from pipeline.video import (
@@ -232,3 +232,12 @@ def test_a_window_samples_what_load_clip_decodes(zoo):
         assert [
             frame_index(f) for f in load_clip(path, 4, 64, start_sec=start, end_sec=end)
         ] == wanted.tolist()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("name", ["h264.mp4", "h264_bt709.mp4"])
+def test_colours_follow_the_files_colour_matrix(zoo, name, backend):
+    """BOTTOM (200, 40, 40) comes back as itself: read with BT.601, a BT.709 file's red would be (185, 23, 41)."""
+    path, _ = _video(zoo, name)
+    bottom = decode_frames(path, [0], backend)[0, HEIGHT // 2 + 4 :, 4:-4].reshape(-1, 3).mean(0)
+    assert np.abs(bottom - BOTTOM).max() < 4, bottom

@@ -1,6 +1,7 @@
 """A zoo of real-world video files, encoded here with PyAV (no downloads), for decoder tests.
 
-Each file stands for a kind of file users have and that decoders get wrong: H.264 in AVI with
+Each file stands for a kind of file users have and that decoders get wrong: BT.709-tagged H.264
+(HD footage: the colour matrix must follow the tag), H.264 in AVI with
 B-frames, open-GOP H.264 and HEVC, 10-bit HEVC, AV1, variable-frame-rate VP8/VP9 WebM, an MP4
 with two video streams of different sizes and rates, phone videos rotated by their display
 matrix (MP4 and MOV), an MP4 cut with an edit list, an audio-only file and a file whose first
@@ -99,17 +100,24 @@ def make_video_zoo(folder: str | Path, names: list[str] | None = None) -> dict[s
 
 def _encode(
     path: Path, codec: str, frames: np.ndarray, times_ms: list[int] | None = None, rate: Fraction = Fraction(25),
-    options: dict[str, str] | None = None, pix_fmt: str = "yuv420p", rotation: int = 0,
+    options: dict[str, str] | None = None, pix_fmt: str = "yuv420p", rotation: int = 0, colorspace: int = 0,
 ) -> None:  # fmt: skip
-    """Encode `frames`; with `times_ms`, frame i is shown at times_ms[i] (variable frame rate)."""
+    """Encode `frames`; with `times_ms`, frame i is shown at times_ms[i] (variable frame rate);
+    `colorspace` (an AVColorSpace, 1 = BT.709) converts and tags the frames with that matrix."""
     with av.open(str(path), mode="w") as container:
         stream = _add_video(container, codec, frames.shape[2], frames.shape[1], rate, options, pix_fmt)
         if rotation:
             stream.set_display_rotation(rotation)
+        if colorspace:
+            context = stream.codec_context
+            context.colorspace = context.color_primaries = context.color_trc = colorspace
         if times_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if colorspace:
+                frame = frame.reformat(format=pix_fmt, dst_colorspace=colorspace)
+                frame.colorspace = colorspace
             if times_ms is not None:
                 frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
             container.mux(stream.encode(frame))
@@ -211,6 +219,10 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
     "h264.mp4": (
         lambda p: _encode(p, "libx264", index_frames(N), options=_x264()),
         ZooVideo("h264.mp4", N, N / 25, WIDTH, HEIGHT),
+    ),
+    "h264_bt709.mp4": (
+        lambda p: _encode(p, "libx264", index_frames(N), options=_x264(), colorspace=1),
+        ZooVideo("h264_bt709.mp4", N, N / 25, WIDTH, HEIGHT),
     ),
     "h264_bframes.avi": (
         lambda p: _encode(p, "libx264", index_frames(N), options=_x264()),
