@@ -10,7 +10,7 @@ import av
 import numpy as np
 import pytest
 
-from pipeline.demo.videozoo import BOTTOM, HEIGHT, ZOO_SKIPPED, frame_index, index_frames, make_video_zoo
+from pipeline.demo.videozoo import BOTTOM, HEIGHT, ZOO, ZOO_SKIPPED, frame_index, index_frames, make_video_zoo
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import sample_frame_indices
 from pipeline.video import (
@@ -25,9 +25,8 @@ from pipeline.video import (
 )
 
 BACKENDS = ["pyav", "decord"]
-ZOO = make_video_zoo.__globals__["_ZOO"]  # every file the zoo can make, made or skipped
-DECODABLE = [name for name, (_, video) in ZOO.items() if not video.refused]
-REFUSED = [name for name, (_, video) in ZOO.items() if video.refused]
+DECODABLE = [name for name, video in ZOO.items() if not video.refused]
+REFUSED = [name for name, video in ZOO.items() if video.refused]
 
 
 @pytest.fixture(scope="module")

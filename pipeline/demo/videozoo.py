@@ -314,6 +314,9 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
     ),
 }
 
+ZOO: dict[str, ZooVideo] = {name: video for name, (_, video) in _ZOO.items()}
+"""Every file the zoo can make, by name (`make_video_zoo` leaves out those in `ZOO_SKIPPED`)."""
+
 for _name, _codec in (("hevc.mp4", "libx265"), ("hevc_closed_gop.mp4", "libx265"), ("hevc10.mkv", "libx265"),
                       ("av1.mkv", "libsvtav1")):  # fmt: skip
     if not _has_encoder(_codec):
