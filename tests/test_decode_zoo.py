@@ -84,13 +84,8 @@ def test_decoded_frames_equal_a_sequential_decode(zoo, name, backend):
     path, video = _video(zoo, name)
     _, reference = _sequential(path)  # the decodable frames, from first_decodable on
     n, first = video.num_frames, video.first_decodable
-    wanted = [
-        n - 1,
-        first,
-        first + (n - first) // 3,
-        n - 1,
-        first + 2 * (n - first) // 3,
-    ]  # unsorted, repeats
+    third = (n - first) // 3
+    wanted = [n - 1, first, first + third, n - 1, first + 2 * third]  # unsorted, with repeats
     fallbacks: list[str] = []
     frames = decode_frames(path, wanted, backend, fallbacks=fallbacks)
     expected = reference[[k - first for k in wanted]]
