@@ -40,6 +40,7 @@ import torch.distributed as dist
 from pycocoevalcap.bleu.bleu import Bleu
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from cache.store import FeatureStore, StoreError
 from pipeline.annotations import load_manifest, require_references
 from pipeline.checkpoints import (
     LoopState,
@@ -88,7 +89,7 @@ class Validation:
     """Raw reference captions per video (tokenised with `simple_tokenize` for scoring)."""
     batch_size: int = 16
     max_new_tokens: int = 32
-    min_new_tokens: int = 5
+    min_new_tokens: int | None = None  # None: the model flavour's seed rule
     num_beams: int = 1
     select: str = "cider"
     """`cider`: CIDEr-D; `beam_cider_bleu4`: CIDEr-D + BLEU-4 (LAVIS's `agg_metrics`), with `num_beams`."""
@@ -315,7 +316,9 @@ class _Loop:
         cider = state.last_cider = scores["val_cider"]
         if round_ == 0:
             state.start_cider = cider
-        improved = (trained or self.job.start_is_candidate) and scores["val_score"] > state.best_score
+        # Without validation videos (train.allow_no_validation) the latest trained round is kept.
+        unranked = trained and not self.job.validation.video_ids
+        improved = (trained or self.job.start_is_candidate) and (scores["val_score"] > state.best_score or unranked)
         if improved:
             state.best_cider, state.best_score = cider, scores["val_score"]
             state.best_epoch, state.best_step = round_, state.global_step
@@ -444,7 +447,7 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
     stage, error = None, None
     if env.master_process:
         try:
-            stage = Stage(config, name, force=force, fresh_on_force=True)
+            stage = Stage(config, name, force=force, extra_inputs=_cache_state(config, name))
         except StageError as e:
             error = str(e)
     error, done, summary = broadcast(
@@ -453,6 +456,24 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
     if error:
         raise StageError(error)
     return stage if stage is not None else _FollowerStage(config, name, env, done, summary)
+
+
+def _cache_state(config: Any, name: str) -> dict[str, Any]:
+    """What `train` read from the cache: finishing an extraction afterwards makes it stale."""
+    if name != "train" or config.train.source != "cache" or not config.cache_path.exists():
+        return {}
+    try:
+        store = FeatureStore.open(config.cache_path)
+        done, failed = store.done_ids(), set(store.failed())
+    except StoreError:
+        return {}  # make_source says what is wrong with it
+    manifest = load_manifest(config.data)
+    ids = [
+        r.video_id
+        for split in (config.data.train_split, config.data.val_split)
+        for r in manifest.split(split)
+    ]
+    return {"cache": {"done": sum(v in done for v in ids), "failed": sum(v in failed for v in ids)}}
 
 
 def finish_stage(stage: Any, env: DistEnv, summary: dict[str, Any]) -> dict[str, Any]:
@@ -489,6 +510,7 @@ def build_job(
             source_kind,
             ", ".join(skipped[:5]),
         )
+    _refuse_a_partial_cache(config, source, train_records + val_records, available)
     train_records = [r for r in train_records if r.video_id in available]
     val_ids = [r.video_id for r in val_records if r.video_id in available and r.captions]
     if config.train.val_max_videos:
@@ -496,6 +518,13 @@ def build_job(
     if not train_records:
         raise StageError(
             f"no training video of split {config.data.train_split!r} is available from the {source_kind}"
+        )
+    if not val_ids and not config.train.allow_no_validation:
+        raise StageError(
+            f"no video of the validation split {config.data.val_split!r} with captions is available from "
+            f"the {source_kind} ({len(val_records)} in the annotations): validation CIDEr would be 0 every "
+            "epoch and best/ meaningless; extract them (extract.splits), or set "
+            "train.allow_no_validation=true to keep the last epoch's model"
         )
     plan = TrainPlan(
         train_records,
@@ -525,6 +554,22 @@ def build_job(
         fingerprint_settings=stage.settings,
         start_is_candidate=start_is_candidate,
     )
+
+
+def _refuse_a_partial_cache(config: Config, source: Any, records: list[Any], available: set[str]) -> None:
+    """Videos neither done nor failed in the cache (extraction unfinished) stop training unless opted in."""
+    store = getattr(source, "store", None)
+    if store is None or config.train.allow_partial_cache:
+        return
+    unsettled = set(store.pending_ids(retry_failed=False))  # in the store, neither done nor failed
+    pending = [r.video_id for r in records if r.video_id in unsettled]
+    if pending:
+        raise StageError(
+            f"{len(pending)} of {len(records)} videos of splits {config.data.train_split!r} and "
+            f"{config.data.val_split!r} are not extracted yet in {store.path} (e.g. {', '.join(pending[:3])}): "
+            "finish `vidcap extract` first, or set train.allow_partial_cache=true to train without them "
+            "(finishing the extraction later makes this training stale)"
+        )
 
 
 def best_model_dir(run_dir: str | Path) -> Path:

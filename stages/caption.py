@@ -32,7 +32,8 @@ How OUT stays correct when several workers write and anything can be killed
 * a video counts as done when OUT holds its record (all its windows, in window mode);
   re-running with the same OUT captions only the others, so nothing is done twice and no
   record is duplicated;
-* one run at a time per OUT: a lock file `OUT.lock` refuses a second concurrent run.
+* one run at a time per OUT: a lock beside it (`.OUT.lock`) refuses a second concurrent run;
+* OUT may not be one of the inputs (a manifest, a video): that is refused before anything is written.
 
 Errors (missing, empty, corrupt, non-video files) become `error` records and never stop the run.
 """
@@ -74,7 +75,14 @@ from pipeline.runtime.cluster import (
     worker_cached,
 )
 from pipeline.runtime.records import exclusive_writer, merge_parts, read_records, recorded_videos
-from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
+from pipeline.runtime.stage import (
+    Stage,
+    StageError,
+    check_outputs_apart,
+    resolve_device,
+    stage_entry,
+    stage_logger,
+)
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
 from pipeline.video import VideoDecodeError, load_clip, probe_video
@@ -83,6 +91,7 @@ CAPTIONS_FILE = "captions.jsonl"
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
 
 
+@stage_entry("caption")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """The pipeline's `caption` stage: caption `caption.inputs` with the run's model into `caption.out`."""
     if not config.caption.inputs:
@@ -106,6 +115,7 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     parts = out.with_name(out.name + ".parts")
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
+    check_outputs_apart({"--out": out}, {f"input {name!r}": name for name in inputs})
     with exclusive_writer(out):
         _refuse_other_settings(out, model_path, config)
         items = expand_inputs(inputs, log)
@@ -213,7 +223,7 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
             model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
         else:  # a base BLIP-2: zero-shot with config.model's settings
             model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
-        return model, {"num_frames": model.cfg.num_frames, "image_size": model.cfg.image_size}
+        return model, {"num_frames": model.cfg.num_frames, "image_size": model.image_size}
 
     key = ("captioner", model_path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), device)
     model, settings = worker_cached(key, load)

@@ -27,7 +27,6 @@ status per video.
 from __future__ import annotations
 
 import collections
-import hashlib
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -40,6 +39,7 @@ import torch
 from cache.store import FeatureStore
 from pipeline.annotations import load_manifest
 from pipeline.config import Config
+from pipeline.features import cache_fingerprint, hash_weights
 from pipeline.runtime.cluster import (
     Tally,
     chunk_size_for,
@@ -55,16 +55,17 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
-from pipeline.runtime.stage import Stage, StageError, resolve_device
-from pipeline.sampling import VIEW_SCHEME, normalize_frames
+from pipeline.runtime.locks import output_lock
+from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_entry
+from pipeline.sampling import normalize_frames
 from pipeline.video import VideoDecodeError, load_clip
-from pipeline.vision import FrameEncoder
+from pipeline.vision import FrameEncoder, frame_size
 
-STORE_DTYPE = "float16"
 MAX_FAILURES_IN_SUMMARY = 50
 Video = tuple[str, str]  # (video_id, path)
 
 
+@stage_entry("extract")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary."""
     stage = Stage(config, "extract", force=force)
@@ -74,7 +75,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     config = config.with_absolute_paths()  # what the workers get, wherever they were started
     videos = manifest_videos(config)
     ex = config.extract
-    with dask_client(ex.workers, ex.scheduler) as client:
+    with output_lock(config.cache_path, "feature store"), dask_client(ex.workers, ex.scheduler) as client:
         mode = describe_client(client)
         first_video = os.path.dirname(videos[0][1]) if videos else ""
         shared = {"model folder": _local(config.model.pretrained), "video folder": first_video}
@@ -136,19 +137,7 @@ def manifest_videos(config: Config) -> list[Video]:
 
 def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
     """Everything that determines the cached tokens (the store refuses to mix two of these)."""
-    return {
-        "vit_weights_sha256": vit["weights_sha256"],
-        "tokens_per_frame": vit["tokens_per_frame"],
-        "width": vit["width"],
-        "num_frames": config.model.num_frames,
-        "image_size": config.model.image_size,
-        "sampling": VIEW_SCHEME,
-        "views": 1 + config.cache.train_views,
-        "seed": config.run.seed,
-        "compute_dtype": vit["dtype"],
-        "store_dtype": STORE_DTYPE,
-        "decode_backend": config.decode.backend,
-    }
+    return cache_fingerprint(config, vit)
 
 
 # ----------------------------------------------------------------------------------------
@@ -175,7 +164,7 @@ def load_vit(config: Config) -> tuple[Any, str, str]:
         device,
     )
     model = worker_cached(key, load)
-    dtype = str(model.compute_dtype or torch.float32).removeprefix("torch.")  # bf16 autocast on CUDA
+    dtype = model.precision  # "float32", or bf16 autocast on CUDA (pipeline.vision.VIT_PRECISION)
     return model, device, dtype
 
 
@@ -186,21 +175,11 @@ def describe_vit(config: Config) -> dict[str, Any]:
     return {
         "weights_sha256": worker_cached(key, lambda: hash_weights(model.vision_model)),
         "tokens_per_frame": int(model.tokens_per_frame),
+        "image_size": int(model.image_size),
         "width": int(model.vision_width),
         "device": device,
         "dtype": dtype,
     }
-
-
-def hash_weights(module: Any) -> str:
-    """SHA-256 of a module's tensors (names, dtypes, shapes and bytes), independent of the model id."""
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def _same_vit_everywhere(vits: list[dict[str, Any]]) -> dict[str, Any]:
@@ -317,7 +296,7 @@ def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float, l
             frames = load_clip(
                 path,
                 config.model.num_frames,
-                config.model.image_size,
+                frame_size(config.model),
                 view=view,
                 seed=config.run.seed,
                 video_id=video_id,

@@ -34,7 +34,7 @@ from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
 from pipeline.runtime.distributed import setup_distributed
 from pipeline.runtime.files import atomic_write_json
-from pipeline.runtime.stage import StageError
+from pipeline.runtime.stage import StageError, stage_entry
 from pipeline.training import BEST_SCORE_FILE, best_model_dir, build_job, finish_stage, fit, open_stage
 
 
@@ -43,6 +43,7 @@ def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     return model.ce_loss(batch["frame_tokens"], batch["captions"]), {}
 
 
+@stage_entry("train")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Train with cross-entropy; returns the summary (best val CIDEr-D, epochs, steps, seconds, best path)."""
 
