@@ -6,6 +6,8 @@ swscale; decord is only used where it was checked to match), the reported durati
 are the file's, and decord either is used or falls back with a counted reason.
 """
 
+from pathlib import Path
+
 import av
 import numpy as np
 import pytest
@@ -235,3 +237,44 @@ def test_colours_follow_the_files_colour_matrix(zoo, name, backend):
     path, _ = _video(zoo, name)
     bottom = decode_frames(path, [0], backend)[0, HEIGHT // 2 + 4 :, 4:-4].reshape(-1, 3).mean(0)
     assert np.abs(bottom - BOTTOM).max() < 4, bottom
+
+
+def test_extract_and_caption_summaries_count_decord_fallbacks(zoo, tmp_path):
+    """Stages with `decode.backend: decord`: every zoo video where decord is not exact is decoded by
+    pyav and counted by reason; the audio-only file fails with its reason, the others are done."""
+    import json
+
+    from pipeline.config import config_from_dict
+    from pipeline.demo.testmodels import init_model
+    from stages.caption import caption_videos
+    from stages.extract import run as extract
+
+    root, videos = zoo
+    names = ["h264.mp4", "h264_bframes.avi", "two_streams.mp4", "rot90.mp4", "audio_only.m4a"]
+    rows = [
+        {"video_id": Path(n).stem, "video": n, "split": "test", "captions": ["a bar code"]} for n in names
+    ]
+    annotations = tmp_path / "zoo.jsonl"
+    annotations.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = init_model(tmp_path / "tiny", "tiny-t5", vocab_from=annotations, seed=0)
+    config = config_from_dict({
+        "run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
+        "data": {"annotations": str(annotations), "video_root": str(root)},
+        "decode": {"backend": "decord"},
+        "model": {"pretrained": str(model), "num_frames": 4, "image_size": 32},
+        "cache": {"path": str(tmp_path / "cache.zarr"), "train_views": 0},
+        "extract": {"batch_size": 2, "decode_workers": 1},
+        "caption": {"batch_size": 2, "num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1},
+    })  # fmt: skip
+    expected = {
+        "decord: no presentation times (avi)": 1,
+        "decord: several video streams": 1,
+        "decord: rotated 90 degrees (decord's batches of rotated frames fail)": 1,
+    }
+    summary = extract(config)
+    assert (summary["done"], summary["failed"]) == (4, 1)
+    assert summary["decode_fallbacks"] == expected
+    inputs = [str(root / n) for n in names]
+    captioned = caption_videos(inputs, str(model), str(tmp_path / "captions.jsonl"), config)
+    assert (captioned["captioned"], captioned["errors"]) == (4, 1)
+    assert captioned["decode_fallbacks"] == expected
