@@ -22,11 +22,15 @@ The decoding contract, the same whatever the backend:
 
 Backends (`backend=`):
 
-* `pyav` (the default and the reference): FFmpeg from PyAV's wheel, frames decoded in order
-  and the wanted ones kept. Each decoded frame is recognised by its pts, so a packet that
-  fails to decode (a corrupt start) loses only its own frames; a wanted frame that never
-  decodes is a `VideoDecodeError` naming its time. AVI stores no presentation times: there the
-  k-th decoded frame is frame k, and any decode error refuses the file.
+* `pyav` (the default and the reference): FFmpeg from PyAV's wheel. It seeks to the keyframe
+  before each run of wanted frames and recognises every decoded frame by its pts, so a packet
+  that fails to decode loses only its own frames; a wanted frame that never decodes is a
+  `VideoDecodeError` naming its time. AVI stores no presentation times: there the k-th frame
+  decoded from the start is frame k, and any decode error refuses the file.
+* **Undecodable start**: frames before the first one the decoder outputs (corrupt first
+  packets; leading pictures of an open GOP cut at its keyframe) are not part of the video
+  (`VideoInfo.skipped_frames`); decoding notes it in `fallbacks` as "undecodable frames at the
+  start left out", so the stage summaries count it.
 * `decord`: random access by seeking, exact only where seeking is. It is used on a file only
   when every check passes: one video stream; H.264/HEVC whose keyframes are all IDR (open-GOP
   keyframes make decord land on the wrong frame), VP8/VP9, or MPEG-4 without B-frames; real
@@ -257,6 +261,8 @@ def _gather(
         raise VideoDecodeError(
             index.path, f"frame {unique[-1]} asked for, but the video has {index.info.num_frames} frames"
         )
+    if index.info.skipped_frames and fallbacks is not None:
+        fallbacks.append("undecodable frames at the start left out")
     frames = None
     if backend == "decord":
         try:
@@ -371,7 +377,7 @@ def _decord_frames(index: VideoIndex, unique: np.ndarray, threads: int) -> np.nd
         raise _Inexact(f"cannot open it ({short_error(e, decord=True)})") from e
     try:
         if len(reader) != index.info.num_frames:
-            raise _Inexact(f"counts {len(reader)} frames, the stream has {index.info.num_frames}")
+            raise _Inexact("its frame count differs from the stream's")
         stamps = reader.get_frame_timestamp([0, *unique.tolist()])[:, 0].astype(np.float64)
         if np.abs((stamps[1:] - stamps[0]) - index.times[unique]).max() > TIME_TOLERANCE:
             raise _Inexact("its frame times differ from the stream's")
@@ -384,9 +390,7 @@ def _decord_frames(index: VideoIndex, unique: np.ndarray, threads: int) -> np.nd
     finally:
         del reader  # decord leaks memory when readers linger
     if batch.shape[1:3] != (index.info.height, index.info.width):
-        raise _Inexact(
-            f"frame size {batch.shape[2]}x{batch.shape[1]}, not {index.info.width}x{index.info.height}"
-        )
+        raise _Inexact("its frame size differs from the stream's")
     return batch
 
 

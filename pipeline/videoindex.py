@@ -46,6 +46,9 @@ class VideoInfo:
     pix_fmt: str = ""
     variable_rate: bool = False
     """Frame intervals differ by more than 5%: index/fps would not be the time."""
+    skipped_frames: int = 0
+    """Frames at the start that no decoder shows (corrupt packets, leading pictures of an open GOP
+    cut at its keyframe), left out: the video starts at its first decodable frame."""
 
 
 def frames_at(times: np.ndarray, at: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -143,6 +146,9 @@ def index_video(path: str | Path) -> VideoIndex:
             raise VideoDecodeError(path, f"no decodable frames ({packets.first_error or 'no output'})")
         by_pts = container.format.name not in NO_PTS_FORMATS and None not in packets.stamps
         times, pts, last_duration = _timeline(packets, stream, by_pts)
+        skipped = pts.index(packets.first_pts) if pts is not None and packets.first_pts in pts else 0
+        if skipped:  # frames before the first one the decoder outputs cannot be shown: not frames
+            pts, times = pts[skipped:], times[skipped:] - times[skipped]
         refusal = _decord_refusal(container, stream, packets, pts is not None)
         codec, pix_fmt, stream_index = context.codec.canonical_name, context.pix_fmt or "", stream.index
     rotation = packets.rotation
@@ -153,7 +159,7 @@ def index_video(path: str | Path) -> VideoIndex:
     info = VideoInfo(
         num_frames=len(times), fps=len(times) / duration if duration > 0 else 0.0, width=shown[0],
         height=shown[1], duration=duration, rotation=rotation, codec=codec, pix_fmt=pix_fmt,
-        variable_rate=variable,
+        variable_rate=variable, skipped_frames=skipped,
     )  # fmt: skip
     order = {p: k for k, p in enumerate(pts or [])}
     keys = np.array(sorted({order[p] for p in packets.key_stamps if p in order}), dtype=np.int64)
@@ -171,12 +177,15 @@ class _Packets:
         self.dirty_keys = 0  # keyframes a decoder cannot start from exactly (open GOP)
         self.discarded = 0  # packets an edit list hides
         self.rotation: int | None = None
+        self.first_pts: int | None = None  # of the first frame the decoder outputs
         self.first_error = ""
         self.nal_length = _nal_length_size(stream.codec_context)
 
     def add(self, packet: av.Packet) -> None:
         if packet.size == 0:
             return  # the demuxer's final flush packet
+        if self.rotation is None:  # the display matrix (and the first shown frame) ride on decoded frames
+            self._try_decode(packet)
         if packet.is_discard:  # cut by an edit list: decoded as a reference, never shown
             self.discarded += 1
             return
@@ -186,8 +195,6 @@ class _Packets:
         if packet.is_keyframe:
             self.key_stamps.append(stamp)
             self.dirty_keys += not self._clean_key(packet)
-        if self.rotation is None:  # the display matrix rides on decoded frames
-            self._try_decode(packet)
 
     def finish(self) -> None:
         if self.rotation is None and self.stamps:
@@ -197,6 +204,7 @@ class _Packets:
         try:
             for frame in self.stream.codec_context.decode(packet):
                 self.rotation = int(round((frame.rotation or 0) / 90)) * 90 % 360
+                self.first_pts = frame.pts
                 break
         except av.FFmpegError as e:  # a corrupt start: keep looking for a decodable frame
             self.first_error = self.first_error or short_error(e)

@@ -43,8 +43,8 @@ class ZooVideo:
     rotation: int = 0
     decord: str = ""  # "" = decord must be used; else the fallback reason starts with this
     refused: str = ""  # the VideoDecodeError reason starts with this (every backend)
-    first_decodable: int = 0  # frames before it cannot be decoded (corrupt start)
-    first_shown: int = 0  # the index frame 0 shows (an edit list hides the ones before)
+    first_shown: int = 0  # the index frame 0 shows (an edit list or a corrupt start hides the ones before)
+    skipped: int = 0  # frames at the start no decoder can show (corrupt start), left out
 
 
 def index_frames(n: int, width: int = WIDTH, height: int = HEIGHT, offset: int = 0) -> np.ndarray:
@@ -310,7 +310,16 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
     ),
     "corrupt_start.mp4": (
         _corrupt_start,
-        ZooVideo("corrupt_start.mp4", 40, 40 / 25, WIDTH, HEIGHT, first_decodable=10),
+        ZooVideo(
+            "corrupt_start.mp4",
+            30,
+            30 / 25,
+            WIDTH,
+            HEIGHT,
+            decord="its frame count differs",
+            first_shown=10,
+            skipped=10,
+        ),  # fmt: skip
     ),
 }
 
