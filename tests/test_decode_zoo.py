@@ -239,7 +239,7 @@ def test_colours_follow_the_files_colour_matrix(zoo, name, backend):
 
 def test_extract_and_caption_summaries_count_decord_fallbacks(zoo, tmp_path):
     """Stages with `decode.backend: decord`: every zoo video where decord is not exact is decoded by
-    pyav and counted by reason; the audio-only file fails with its reason, the others are done."""
+    pyav and counted by reason, as is a start left out; the audio-only file fails, the others are done."""
     import json
 
     from pipeline.config import config_from_dict
@@ -248,7 +248,14 @@ def test_extract_and_caption_summaries_count_decord_fallbacks(zoo, tmp_path):
     from stages.extract import run as extract
 
     root, videos = zoo
-    names = ["h264.mp4", "h264_bframes.avi", "two_streams.mp4", "rot90.mp4", "audio_only.m4a"]
+    names = [
+        "h264.mp4",
+        "h264_bframes.avi",
+        "two_streams.mp4",
+        "rot90.mp4",
+        "corrupt_start.mp4",
+        "audio_only.m4a",
+    ]
     rows = [
         {"video_id": Path(n).stem, "video": n, "split": "test", "captions": ["a bar code"]} for n in names
     ]
@@ -268,13 +275,15 @@ def test_extract_and_caption_summaries_count_decord_fallbacks(zoo, tmp_path):
         "decord: no presentation times (avi)": 1,
         "decord: several video streams": 1,
         "decord: rotated 90 degrees (decord's batches of rotated frames fail)": 1,
+        "undecodable frames at the start left out": 1,
+        "decord: its frame count differs from the stream's": 1,
     }
     summary = extract(config)
-    assert (summary["done"], summary["failed"]) == (4, 1)
+    assert (summary["done"], summary["failed"]) == (5, 1)
     assert summary["decode_fallbacks"] == expected
     inputs = [str(root / n) for n in names]
     captioned = caption_videos(inputs, str(model), str(tmp_path / "captions.jsonl"), config)
-    assert (captioned["captioned"], captioned["errors"]) == (4, 1)
+    assert (captioned["captioned"], captioned["errors"]) == (5, 1)
     assert captioned["decode_fallbacks"] == expected
 
 
