@@ -474,6 +474,7 @@ def test_eval_stops_before_captioning_a_split_without_references(tmp_path, monke
             for i, split in enumerate(["train", "val", "test", "test"])]  # fmt: skip
     annotations = write(tmp_path / "ann.jsonl", jsonl(*rows))
     monkeypatch.setattr(stages.eval, "evaluate_model", lambda *a, **k: pytest.fail("captioning started"))
+    monkeypatch.setattr(stages.eval, "require_java", lambda: None)  # not what this test is about
     config = config_from_dict({"run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
                                "data": {"annotations": str(annotations)}, "eval": {"models": ["zero_shot"]}})  # fmt: skip
     with pytest.raises(AnnotationError, match=rf"split 'test' has 2 videos but no reference captions; looked in: {annotations}"):  # fmt: skip
