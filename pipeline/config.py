@@ -46,20 +46,83 @@ class RunConfig:
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
     demo_videos: int = 600
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
+    demo_unlabelled: float = 0.0
+    """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
         for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+            if stage not in STAGES + STAGE_INSTANCES:
+                choices = ", ".join(STAGES + STAGE_INSTANCES)
+                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {choices}")
+
+
+@dataclass
+class CaptionFilterConfig:
+    """Which pseudo-labels of a `captions_jsonl` training set to keep (`pipeline.annotations`)."""
+
+    score: str = "confidence"
+    """Record field to rank by: `confidence` (geometric-mean token probability) or `beam_agreement`."""
+    min_confidence: float = 0.0
+    """Keep captions whose score is at least this (0: no threshold)."""
+    top_fraction: float = 1.0
+    """Then keep this fraction of the highest-scoring captions (1: all)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("filter.score", self.score, ("confidence", "beam_agreement"))
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(f"filter.top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
+@dataclass
+class TrainSetConfig:
+    """One training set of a mixture (`data.train_sets`; `pipeline/mixture.py`)."""
+
+    name: str = ""
+    """Short name; training examples are routed to this set's cache by it."""
+    ratio: float = 1.0
+    """Sampling weight: each global batch comes from one set, drawn with probability ratio / sum."""
+    annotations: str = ""
+    """Annotation file or folder (empty: the `data` section's own training split and cache)."""
+    format: str = "jsonl"
+    """Annotation format: as `data.format`, or `captions_jsonl` (what `vidcap caption` writes)."""
+    video_root: str = ""
+    """Folder that relative video paths are resolved against."""
+    video_ext: str = ".mp4"
+    """Extension appended to bare video ids."""
+    split: str = "train"
+    """Split of the annotations to train on (`captions_jsonl` records are all `train`)."""
+    cache: str = ""
+    """Zarr store of this set (empty: `<run.output_dir>/extract_sets/<name>/features.zarr`)."""
+    pool: list[str] = field(default_factory=list)
+    """Unlabelled videos the `pseudo_caption` stage captions into this set's annotations."""
+    filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
+    """Which pseudo-labels to keep (`captions_jsonl` only)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train set name must be non-empty and without '/', got {self.name!r}")
+        if not self.ratio > 0:
+            raise ConfigError(f"train set {self.name!r}: ratio must be > 0, got {self.ratio}")
+        _check_choice(f"train set {self.name!r} format", self.format, DATA_FORMATS)
+        if self.pool and (self.format != "captions_jsonl" or not self.annotations):
+            raise ConfigError(
+                f"train set {self.name!r}: a pool is captioned into `annotations` (set it) "
+                "in format captions_jsonl"
+            )
+
+
+DATA_FORMATS = ("jsonl", "lavis", "msrvtt", "msvd", "vatex", "captions_jsonl")
 
 
 @dataclass
 class DataConfig:
     format: str = "jsonl"
-    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd` or `vatex`."""
-    annotations: str = ""
-    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd`, `vatex` or `captions_jsonl` (`vidcap caption`'s output)."""
+    annotations: str | list[str] = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`; msrvtt, vatex: their files); msrvtt, vatex: also a list of files."""
+    annotations_split: str = ""
+    """Split of a single vatex annotation file whose name does not say it (`train`, `val`, `test`); empty: from the name."""
     video_root: str = ""
     """Folder that relative video paths are resolved against."""
     video_ext: str = ".mp4"
@@ -72,20 +135,36 @@ class DataConfig:
     """Name of the split `eval` scores."""
     max_videos: int = 0
     """Keep only the first N videos of each split (0: all); for smoke tests."""
+    train_sets: list[TrainSetConfig] = field(default_factory=list)
+    """Train on a mixture: sets `{name, ratio, annotations, format, cache, pool, filter}` (README, Pseudo-labelling)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+        _check_choice("data.format", self.format, DATA_FORMATS)
+        if isinstance(self.annotations, list):
+            if not all(isinstance(p, str) and p for p in self.annotations):
+                raise ConfigError(
+                    f"data.annotations must be a path or a list of paths, got {self.annotations!r}"
+                )
+            if len(self.annotations) == 1:
+                self.annotations = self.annotations[0]
+        elif not isinstance(self.annotations, str):
+            raise ConfigError(f"data.annotations must be a path or a list of paths, got {self.annotations!r}")
+        names = [s.name for s in self.train_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.train_sets: names must be unique, got {names}")
+        if sum(1 for s in self.train_sets if s.pool) > 1:
+            raise ConfigError("data.train_sets: at most one set may have a pool to pseudo-label")
 
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
 
 
 @dataclass
@@ -94,8 +173,8 @@ class ModelConfig:
     """BLIP-2 to start from: a Hugging Face hub id or a local folder."""
     num_frames: int = 8
     """Frames sampled per video (T)."""
-    image_size: int = 224
-    """Side of the square frames fed to the ViT."""
+    image_size: int = 0
+    """Side of the square frames fed to the ViT (0: the checkpoint's own, 224 for BLIP-2; larger interpolates positions)."""
     fusion: str = "concat"
     """How frame tokens reach the Q-Former: `concat` (T*L tokens) or `mean` (average over T)."""
     temporal_embeddings: bool = False
@@ -110,19 +189,31 @@ class ModelConfig:
     """LoRA dropout."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Module names LoRA wraps (T5: `q`, `v`; OPT: `q_proj`, `v_proj`)."""
-    prompt: str = "a video of"
-    """Text prompt given to the language model."""
+    prompt: str | None = None
+    """Text prompt given to the language model (unset: the seed's, "a video of" for T5, "" for OPT and Vicuna)."""
+    qformer_text_input: bool = False
+    """InstructBLIP only: the Q-Former also reads the prompt's tokens (the seed: false)."""
     max_caption_tokens: int = 32
     """Caption length limit in tokens for training targets."""
     dtype: str = "auto"
     """Compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."""
+    vit: str = "frozen"
+    """ViT training: `frozen` (what the feature cache stores) or `full` (paper Fig. 2a; needs `train.source: video`)."""
+    vit_lr_scale: float = 1.0
+    """Learning-rate multiplier of the ViT when `vit: full`."""
+    vit_grad_checkpointing: bool = True
+    """Recompute the trained ViT's activations in the backward pass (LAVIS `use_grad_checkpoint`): far less memory."""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("concat", "mean"))
         _check_choice("model.llm", self.llm, ("frozen", "lora", "full"))
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("model.vit", self.vit, ("frozen", "full"))
         _check_positive("model.num_frames", self.num_frames)
-        _check_positive("model.image_size", self.image_size)
+        if self.image_size < 0:
+            raise ConfigError(
+                f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
+            )
 
 
 @dataclass
@@ -198,6 +289,8 @@ class OptimArgs:
     """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+    select: str = "cider"
+    """Best checkpoint by `cider` (greedy CIDEr-D on val; cheap) or `beam_cider_bleu4` (eval's beams, CIDEr-D + BLEU-4: LAVIS)."""
 
     def key(self, name: str) -> str:
         """The dotted config key of field `name`, for messages."""
@@ -205,6 +298,7 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_choice(self.key("select"), self.select, ("cider", "beam_cider_bleu4"))
         _check_positive(self.key("batch_size"), self.batch_size)
         _check_positive(self.key("grad_accum"), self.grad_accum)
         for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
@@ -315,8 +409,8 @@ class EvalConfig:
     """Beam width."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the seed's min_length=5 as LAVIS counts it: T5 4, OPT/Vicuna 5)."""
     metrics: list[str] = field(default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"])
     """coco-caption metrics to compute (`SPICE` too where it can run)."""
 
@@ -334,8 +428,8 @@ class CaptionConfig:
     """Beam width (1: greedy)."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the flavour's seed rule, as `eval.min_new_tokens`)."""
     workers: int = 0
     """Local Dask workers (0: in this process)."""
     scheduler: str = ""
@@ -363,6 +457,18 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+    stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
+
+    def __post_init__(self) -> None:
+        # The feature cache holds a frozen ViT's tokens: a trained ViT must see the frames.
+        if self.model.vit != "frozen":
+            for key, value in (("train.source", self.train.source), ("eval.source", self.eval.source)):
+                if value == "cache":
+                    raise ConfigError(
+                        f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
+                        f"frozen ViT from the feature cache; set {key}: video"
+                    )
 
     @property
     def output_dir(self) -> Path:
@@ -373,7 +479,7 @@ class Config:
         return Path(self.cache.path) if self.cache.path else self.output_dir / "extract" / "features.zarr"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.output_dir / stage
+        return self.output_dir / self.stage_folders.get(stage, stage)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
@@ -391,7 +497,7 @@ class Config:
             self,
             run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
             data=replace(
-                data, annotations=absolute_path(data.annotations), video_root=absolute_path(data.video_root)
+                data, annotations=absolute_paths(data.annotations), video_root=absolute_path(data.video_root)
             ),
             model=replace(self.model, pretrained=model_location(self.model.pretrained)),
             cache=replace(self.cache, path=absolute_path(self.cache.path)),
@@ -409,12 +515,20 @@ def absolute_path(path: str) -> str:
     return str(Path(path).expanduser().absolute()) if path else path
 
 
+def absolute_paths(paths: str | list[str]) -> str | list[str]:
+    """`absolute_path` of one path or of each of a list."""
+    return [absolute_path(p) for p in paths] if isinstance(paths, list) else absolute_path(paths)
+
+
 def model_location(name: str) -> str:
     """A model folder that exists here, as an absolute path; anything else (a hub id, "") as given."""
     return absolute_path(name) if name and Path(name).expanduser().exists() else name
 
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
+# Named instances of those stages on a derived config, for the pseudo-labelling loop
+# (`run_pipeline.py`, `pipeline/mixture.py`): each writes its own folder and DONE.json.
+STAGE_INSTANCES = ("train_labelled", "pseudo_caption", "extract_sets")
 
 # Settings that change each stage's outputs. A stage's fingerprint also folds in the
 # fingerprints of the stages it reads from, so retraining invalidates evaluation.
@@ -422,6 +536,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
         "data.format",
         "data.annotations",
+        "data.annotations_split",
         "data.video_root",
         "data.video_ext",
         "data.max_videos",
@@ -458,7 +573,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
-        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "train.select",
+        "eval.num_beams",  # validation with `train.select: beam_cider_bleu4` uses eval's beams
+        "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
     ),
@@ -490,7 +607,7 @@ def _yaml() -> Any:
 
 
 def _sections() -> tuple[dataclasses.Field, ...]:
-    return tuple(f for f in dataclasses.fields(Config) if f.name != "source")
+    return tuple(f for f in dataclasses.fields(Config) if f.name not in ("source", "stage_folders"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -560,6 +677,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
+        if dataclasses.is_dataclass(item) and isinstance(value, list):
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -567,6 +686,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return [_coerce(v, item, key, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         return value
+    if dataclasses.is_dataclass(hint):  # a nested mapping: data.train_sets[i], its filter
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build_section(hint, key, value, source)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -640,7 +765,19 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
             settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
+    if stage == "train":  # the mixture's annotations are read by content (pseudo-labels get rewritten)
+        for train_set in config.data.train_sets:
+            if train_set.annotations and Path(train_set.annotations).is_file():
+                settings[f"<{train_set.name} annotations>"] = _file_digest(Path(train_set.annotations))
     return settings
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def stage_fingerprint(config: Config, stage: str) -> str:

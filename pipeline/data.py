@@ -160,7 +160,7 @@ class VideoSource:
         self.reader = ClipReader(
             {r.video_id: r.path for r in records},
             model_cfg.num_frames,
-            model_cfg.image_size,
+            model.image_size,  # model.image_size 0 resolved: the checkpoint's own
             seed,
             decode_cfg.backend,
             decode_cfg.threads,
@@ -169,8 +169,8 @@ class VideoSource:
     def available(self, video_ids: Sequence[str]) -> list[str]:
         return [v for v in video_ids if v in self.reader.paths]
 
-    @torch.no_grad()
     def encode(self, loaded: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        # No gradient unless the model trains its ViT (`model.vit: full`, in train mode).
         return self.model.encode_frames(loaded.to(device, non_blocking=True)).float()  # (B, T, L, D)
 
     def frame_tokens(

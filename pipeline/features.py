@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 from safetensors import safe_open
-from transformers import Blip2Config
+from transformers import AutoConfig
 
 from cache.store import diff_fingerprints
 from pipeline.errors import FingerprintMismatch
 from pipeline.runtime.stage import folder_identity
 from pipeline.sampling import VIEW_SCHEME
-from pipeline.vision import PREFIX, tokens_per_frame, vision_files
+from pipeline.vision import PREFIX, checkpoint_image_size, tokens_per_frame, vision_files
 
 STORE_DTYPE = "float16"
 # Keys a reader of view 0 alone (eval) does not depend on: the augmented views and their seed.
@@ -76,7 +76,7 @@ def cache_fingerprint(config: Any, vit: dict[str, Any], model_cfg: Any = None) -
         "tokens_per_frame": vit["tokens_per_frame"],
         "width": vit["width"],
         "num_frames": model_cfg.num_frames,
-        "image_size": model_cfg.image_size,
+        "image_size": vit.get("image_size") or model_cfg.image_size,
         "sampling": VIEW_SCHEME,
         "views": 1 + config.cache.train_views,
         "seed": config.run.seed,
@@ -96,12 +96,14 @@ def store_problems(
     """
     have = store.fingerprint
     dtype = str(have.get("compute_dtype", "float32"))
-    vision = Blip2Config.from_pretrained(str(pretrained)).vision_config
+    vision = AutoConfig.from_pretrained(str(pretrained)).vision_config  # BLIP-2 or InstructBLIP
+    image_size = model_cfg.image_size or checkpoint_image_size(str(pretrained))  # 0: the checkpoint's own
     vit = {
+        "image_size": image_size,
         "weights_sha256": vit_weights_sha256(
             pretrained, dtype if dtype in ("float32", "bfloat16") else "float32"
         ),
-        "tokens_per_frame": tokens_per_frame(model_cfg.image_size, vision.patch_size),
+        "tokens_per_frame": tokens_per_frame(image_size, vision.patch_size),
         "width": vision.hidden_size,
         "dtype": dtype,
     }

@@ -46,7 +46,7 @@ from typing import Any
 import torch
 
 from cache.store import FeatureStore, StoreError, diff_fingerprints
-from pipeline.annotations import VideoRecord, load_manifest
+from pipeline.annotations import VideoRecord, load_manifest, require_references
 from pipeline.config import Config
 from pipeline.data import CacheSource, VideoSource
 from pipeline.features import store_problems
@@ -57,6 +57,7 @@ from pipeline.runtime.files import atomic_write_bytes, atomic_write_json
 from pipeline.runtime.stage import Stage, StageError, progress, resolve_device, stage_entry
 from pipeline.sampling import VIEW_SCHEME
 from pipeline.video import VideoDecodeError
+from pipeline.vision import frame_size
 
 MODEL_KEYWORDS = {"ce": "train", "scst": "scst"}  # keyword -> stage whose `best/` it is
 ZERO_SHOT = "zero_shot"
@@ -87,7 +88,9 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         stage.log.info("eval: the models to evaluate changed since the last eval; evaluating again")
         stage.reopen()
     require_java()  # fail before hours of beam search, not after
-    records = load_manifest(config.data).split(split)
+    manifest = load_manifest(config.data)
+    require_references(manifest, split)  # before hours of captioning, naming the files searched
+    records = manifest.split(split)
     source = choose_source(config, [r.video_id for r in records], stage.log)
     device = resolve_device(config.run.device)
 
@@ -158,7 +161,7 @@ def choose_source(config: Config, video_ids: Sequence[str], log: Any) -> str:
     size and sampling, and every video of the split is done or recorded as failed in it (a video
     that failed to decode there would fail here too)."""
     wanted = config.eval.source
-    if wanted == "video":
+    if wanted == "video" or config.model.vit != "frozen":  # a trained ViT never reads the cache
         return "video"
     reason = _cache_problem(config, video_ids)
     if reason is None:
@@ -184,7 +187,7 @@ def _cache_problem(config: Config, video_ids: Sequence[str]) -> str | None:
         # The ViT weights' hash needs the ViT itself; the sampling settings are checked here.
         wanted = {
             "num_frames": config.model.num_frames,
-            "image_size": config.model.image_size,
+            "image_size": frame_size(config.model),
             "sampling": VIEW_SCHEME,
         }
         differences = diff_fingerprints({k: store.fingerprint.get(k) for k in wanted}, wanted)
