@@ -120,8 +120,8 @@ class Stage:
         Call it once the stage has checked what it can (settings, inputs, model), just before it
         recreates `output`: `is_ours(output)` must vouch that vidcap wrote it, or it is refused.
         """
-        self._outputs.append(Path(output))
         output = Path(output)
+        self._outputs.append(output)
         if not force or not (output.exists() or output.is_symlink()):
             return
         if not is_ours(output):
