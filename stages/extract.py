@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-from cache.store import FeatureStore
+from cache.store import FeatureStore, is_feature_store
 from pipeline.annotations import load_manifest
 from pipeline.config import Config
 from pipeline.features import cache_fingerprint, hash_weights
@@ -81,7 +81,8 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         shared = {"model folder": _local(config.model.pretrained), "video folder": first_video}
         require_shared_paths(client, shared, stage.log)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
-        store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
+        stage.replaces(config.cache_path, force, is_feature_store, "feature store")  # set aside till done
+        store = open_store(config, [v for v, _ in videos], vit)
         require_shared_paths(client, {"feature store": str(store.path)}, stage.log)
         pending = set(store.pending_ids())
         todo = [v for v in videos if v[0] in pending]
