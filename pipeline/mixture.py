@@ -60,7 +60,7 @@ class MixturePlan:
     """Training examples of every epoch from several `TrainPlan`s, one set per global batch."""
 
     def __init__(self, names: Sequence[str], ratios: Sequence[float], plans: Sequence[TrainPlan], seed: int):
-        if not names or len(names) != len(ratios) != len(plans):
+        if not names or not len(names) == len(ratios) == len(plans):
             raise ValueError("a mixture needs one name, ratio and plan per set")
         batches = {p.global_batch for p in plans}
         if len(batches) != 1:
