@@ -14,7 +14,8 @@ state against the synthetic world's), all of them and the kept half, with the ca
 
 `--loader` writes two feature stores of random float16 tokens and times the training data loader
 (`pipeline.data.make_loader`, what `fit` iterates) over one store (a `TrainPlan`) and over both
-at 1:3 (a `MixturePlan` routing set-prefixed ids to each store), with 0 and 2 worker processes.
+at 1:3 (a `MixturePlan` routing set-prefixed ids to each store), with 0 and 2 worker processes; the best
+of three runs (other processes share the CPUs).
 On a GPU machine, run it where the caches live: the loader is CPU and disk work either way.
 
 `--confidence` times captioning from frame tokens with plain beam search and with
@@ -165,7 +166,9 @@ def loader(shape_name: str, videos: int, batch: int, batches: int, worker_counts
                 ("single set", single, labelled),
                 ("mixture 1:3 (2 stores)", mixture, source),
             ):
-                rate = _examples_per_s(plan, src, batches, workers)
+                rate = max(
+                    _examples_per_s(plan, src, batches, workers) for _ in range(3)
+                )  # best of 3: shared CPUs
                 print(f"{name:<26}{workers:>8}{rate:>12.1f}{rate * mb:>9.1f}")
 
 
