@@ -6,12 +6,16 @@ swscale; decord is only used where it was checked to match), the reported durati
 are the file's, and decord either is used or falls back with a counted reason.
 """
 
+import json
 from pathlib import Path
 
 import av
 import numpy as np
 import pytest
 
+import pipeline.video
+from pipeline.config import config_from_dict
+from pipeline.demo.testmodels import init_model
 from pipeline.demo.videozoo import BOTTOM, HEIGHT, ZOO, ZOO_SKIPPED, frame_index, index_frames, make_video_zoo
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import sample_frame_indices
@@ -25,6 +29,8 @@ from pipeline.video import (
     probe_video,
     write_video,
 )
+from stages.caption import caption_videos
+from stages.extract import run as extract
 
 BACKENDS = ["pyav", "decord"]
 DECODABLE = [name for name, video in ZOO.items() if not video.refused]
@@ -175,8 +181,6 @@ def test_constant_rate_sampling_is_unchanged(tmp_path):
 def test_seeking_finds_random_frames_exactly(zoo, name, monkeypatch):
     """pyav seeks to the keyframe before each run of wanted frames and recognises frames by pts;
     on files with presentation times it never needs the pass from the start."""
-    import pipeline.video
-
     path, video = _video(zoo, name)
     _, reference = _sequential(path)
     passes = []
@@ -240,13 +244,6 @@ def test_colours_follow_the_files_colour_matrix(zoo, name, backend):
 def test_extract_and_caption_summaries_count_decord_fallbacks(zoo, tmp_path):
     """Stages with `decode.backend: decord`: every zoo video where decord is not exact is decoded by
     pyav and counted by reason, as is a start left out; the audio-only file fails, the others are done."""
-    import json
-
-    from pipeline.config import config_from_dict
-    from pipeline.demo.testmodels import init_model
-    from stages.caption import caption_videos
-    from stages.extract import run as extract
-
     root, videos = zoo
     names = [
         "h264.mp4",
