@@ -46,6 +46,8 @@ class RunConfig:
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
     demo_videos: int = 600
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
+    demo_unlabelled: float = 0.0
+    """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
     sharding: str = "none"
     """Under torchrun: `none` (DDP: every process holds the whole model) or `fsdp` (weights, gradients, optimizer state sharded: `llm: full` of a 7B LM)."""
 
@@ -53,16 +55,77 @@ class RunConfig:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
         _check_choice("run.sharding", self.sharding, ("none", "fsdp"))
         for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+            if stage not in STAGES + STAGE_INSTANCES:
+                choices = ", ".join(STAGES + STAGE_INSTANCES)
+                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {choices}")
+
+
+@dataclass
+class CaptionFilterConfig:
+    """Which pseudo-labels of a `captions_jsonl` training set to keep (`pipeline.annotations`)."""
+
+    score: str = "confidence"
+    """Record field to rank by: `confidence` (geometric-mean token probability) or `beam_agreement`."""
+    min_confidence: float = 0.0
+    """Keep captions whose score is at least this (0: no threshold)."""
+    top_fraction: float = 1.0
+    """Then keep this fraction of the highest-scoring captions (1: all)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("filter.score", self.score, ("confidence", "beam_agreement"))
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(f"filter.top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
+@dataclass
+class TrainSetConfig:
+    """One training set of a mixture (`data.train_sets`; `pipeline/mixture.py`)."""
+
+    name: str = ""
+    """Short name; training examples are routed to this set's cache by it."""
+    ratio: float = 1.0
+    """Sampling weight: each global batch comes from one set, drawn with probability ratio / sum."""
+    annotations: str = ""
+    """Annotation file or folder (empty: the `data` section's own training split and cache)."""
+    format: str = "jsonl"
+    """Annotation format: as `data.format`, or `captions_jsonl` (what `vidcap caption` writes)."""
+    video_root: str = ""
+    """Folder that relative video paths are resolved against."""
+    video_ext: str = ".mp4"
+    """Extension appended to bare video ids."""
+    split: str = "train"
+    """Split of the annotations to train on (`captions_jsonl` records are all `train`)."""
+    cache: str = ""
+    """Zarr store of this set (empty: `<run.output_dir>/extract_sets/<name>/features.zarr`)."""
+    pool: list[str] = field(default_factory=list)
+    """Unlabelled videos the `pseudo_caption` stage captions into this set's annotations."""
+    filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
+    """Which pseudo-labels to keep (`captions_jsonl` only)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train set name must be non-empty and without '/', got {self.name!r}")
+        if not self.ratio > 0:
+            raise ConfigError(f"train set {self.name!r}: ratio must be > 0, got {self.ratio}")
+        _check_choice(f"train set {self.name!r} format", self.format, DATA_FORMATS)
+        if self.pool and (self.format != "captions_jsonl" or not self.annotations):
+            raise ConfigError(
+                f"train set {self.name!r}: a pool is captioned into `annotations` (set it) "
+                "in format captions_jsonl"
+            )
+
+
+DATA_FORMATS = ("jsonl", "lavis", "msrvtt", "msvd", "vatex", "captions_jsonl")
 
 
 @dataclass
 class DataConfig:
     format: str = "jsonl"
-    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd` or `vatex`."""
-    annotations: str = ""
-    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd`, `vatex` or `captions_jsonl` (`vidcap caption`'s output)."""
+    annotations: str | list[str] = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`; msrvtt, vatex: their files); msrvtt, vatex: also a list of files."""
+    annotations_split: str = ""
+    """Split of a single vatex annotation file whose name does not say it (`train`, `val`, `test`); empty: from the name."""
     video_root: str = ""
     """Folder that relative video paths are resolved against."""
     video_ext: str = ".mp4"
@@ -75,20 +138,36 @@ class DataConfig:
     """Name of the split `eval` scores."""
     max_videos: int = 0
     """Keep only the first N videos of each split (0: all); for smoke tests."""
+    train_sets: list[TrainSetConfig] = field(default_factory=list)
+    """Train on a mixture: sets `{name, ratio, annotations, format, cache, pool, filter}` (README, Pseudo-labelling)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+        _check_choice("data.format", self.format, DATA_FORMATS)
+        if isinstance(self.annotations, list):
+            if not all(isinstance(p, str) and p for p in self.annotations):
+                raise ConfigError(
+                    f"data.annotations must be a path or a list of paths, got {self.annotations!r}"
+                )
+            if len(self.annotations) == 1:
+                self.annotations = self.annotations[0]
+        elif not isinstance(self.annotations, str):
+            raise ConfigError(f"data.annotations must be a path or a list of paths, got {self.annotations!r}")
+        names = [s.name for s in self.train_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.train_sets: names must be unique, got {names}")
+        if sum(1 for s in self.train_sets if s.pool) > 1:
+            raise ConfigError("data.train_sets: at most one set may have a pool to pseudo-label")
 
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
 
 
 @dataclass
@@ -213,6 +292,8 @@ class OptimArgs:
     """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+    select: str = "cider"
+    """Best checkpoint by `cider` (greedy CIDEr-D on val; cheap) or `beam_cider_bleu4` (eval's beams, CIDEr-D + BLEU-4: LAVIS)."""
 
     def key(self, name: str) -> str:
         """The dotted config key of field `name`, for messages."""
@@ -220,6 +301,7 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_choice(self.key("select"), self.select, ("cider", "beam_cider_bleu4"))
         _check_positive(self.key("batch_size"), self.batch_size)
         _check_positive(self.key("grad_accum"), self.grad_accum)
         for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
@@ -274,6 +356,10 @@ class TrainConfig(OptimArgs):
     """Validate on at most N videos of the validation split (0: all)."""
     num_workers: int = 2
     """Data loader workers reading the cache (0: main process)."""
+    allow_no_validation: bool = False
+    """Train although no validation video is available (then `best/` is simply the last epoch's model)."""
+    allow_partial_cache: bool = False
+    """Train although videos of the train or validation split are still pending in the cache (not yet extracted)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -374,6 +460,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+    stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
 
     def __post_init__(self) -> None:
         # The feature cache holds a frozen ViT's tokens: a trained ViT must see the frames.
@@ -394,7 +482,7 @@ class Config:
         return Path(self.cache.path) if self.cache.path else self.output_dir / "extract" / "features.zarr"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.output_dir / stage
+        return self.output_dir / self.stage_folders.get(stage, stage)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
@@ -412,7 +500,7 @@ class Config:
             self,
             run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
             data=replace(
-                data, annotations=absolute_path(data.annotations), video_root=absolute_path(data.video_root)
+                data, annotations=absolute_paths(data.annotations), video_root=absolute_path(data.video_root)
             ),
             model=replace(self.model, pretrained=model_location(self.model.pretrained)),
             cache=replace(self.cache, path=absolute_path(self.cache.path)),
@@ -430,12 +518,20 @@ def absolute_path(path: str) -> str:
     return str(Path(path).expanduser().absolute()) if path else path
 
 
+def absolute_paths(paths: str | list[str]) -> str | list[str]:
+    """`absolute_path` of one path or of each of a list."""
+    return [absolute_path(p) for p in paths] if isinstance(paths, list) else absolute_path(paths)
+
+
 def model_location(name: str) -> str:
     """A model folder that exists here, as an absolute path; anything else (a hub id, "") as given."""
     return absolute_path(name) if name and Path(name).expanduser().exists() else name
 
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
+# Named instances of those stages on a derived config, for the pseudo-labelling loop
+# (`run_pipeline.py`, `pipeline/mixture.py`): each writes its own folder and DONE.json.
+STAGE_INSTANCES = ("train_labelled", "pseudo_caption", "extract_sets")
 
 # Settings that change each stage's outputs. A stage's fingerprint also folds in the
 # fingerprints of the stages it reads from, so retraining invalidates evaluation.
@@ -443,6 +539,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
         "data.format",
         "data.annotations",
+        "data.annotations_split",
         "data.video_root",
         "data.video_ext",
         "data.max_videos",
@@ -479,7 +576,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
-        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "train.select",
+        "eval.num_beams",  # validation with `train.select: beam_cider_bleu4` uses eval's beams
+        "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
     ),
@@ -511,7 +610,7 @@ def _yaml() -> Any:
 
 
 def _sections() -> tuple[dataclasses.Field, ...]:
-    return tuple(f for f in dataclasses.fields(Config) if f.name != "source")
+    return tuple(f for f in dataclasses.fields(Config) if f.name not in ("source", "stage_folders"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -581,6 +680,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
+        if dataclasses.is_dataclass(item) and isinstance(value, list):
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -588,6 +689,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return [_coerce(v, item, key, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         return value
+    if dataclasses.is_dataclass(hint):  # a nested mapping: data.train_sets[i], its filter
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build_section(hint, key, value, source)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -661,7 +768,19 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
             settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
+    if stage == "train":  # the mixture's annotations are read by content (pseudo-labels get rewritten)
+        for train_set in config.data.train_sets:
+            if train_set.annotations and Path(train_set.annotations).is_file():
+                settings[f"<{train_set.name} annotations>"] = _file_digest(Path(train_set.annotations))
     return settings
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def stage_fingerprint(config: Config, stage: str) -> str:

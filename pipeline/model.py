@@ -592,13 +592,8 @@ class VideoCaptioner(nn.Module):
 
         folder = Path(folder)
         meta = json.loads((folder / EXPORT_FILE).read_text())
-        if meta.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{folder / EXPORT_FILE}: unsupported export format {meta.get('format')!r}")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
-        # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
-        base = str(folder) if meta["merged"] else meta["pretrained"]
-        model_cfg.pretrained = base
+        model_cfg = export_settings(folder)
+        base = model_cfg.pretrained
         adapter = folder / meta["lora"] if meta["lora"] else None
         model = cls._load(base, model_cfg, load_vision, device, adapter_dir=adapter)
         weights = load_file(str(folder / meta["weights"]), device=str(model.device))
@@ -612,6 +607,19 @@ class VideoCaptioner(nn.Module):
             for name, value in weights.items():
                 params[name].copy_(value)
         return model
+
+
+def export_settings(folder: str | Path) -> ModelConfig:
+    """The model settings an export was trained with (frames, image size...); `pretrained` is its base."""
+    folder = Path(folder)
+    meta = json.loads((folder / EXPORT_FILE).read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{folder / EXPORT_FILE}: unsupported export format {meta.get('format')!r}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
+    model_cfg.pretrained = str(folder) if meta["merged"] else meta["pretrained"]
+    return model_cfg
 
 
 def _through_first(ids: Tensor, eos_id: int) -> Tensor:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,8 @@ class StagePlan:
     trainable: dict[str, int] | str
     prompt: str | None  # None: the flavour's seed prompt, unknown without the model's config.json
     generation: dict[str, Any] = field(default_factory=dict)
+    mixture: str = ""
+    """`data.train_sets` of a CE stage: each set's share of the batches (`pipeline/mixture.py`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -90,6 +93,10 @@ def _stage_plan(
     videos, pairs, source = counts["videos"], counts["pairs"], counts["from"]
     examples = None if videos is None else (pairs if args.captions == "all" else videos)
     steps_per_epoch = -(-examples // args.batch_size) if examples else None
+    mixture = _mixture(config) if stage == "train" and config.data.train_sets else ""
+    if mixture and steps_per_epoch and not config.data.train_sets[0].annotations:
+        share = config.data.train_sets[0].ratio / sum(s.ratio for s in config.data.train_sets)
+        steps_per_epoch = math.ceil(steps_per_epoch / share)  # as `MixturePlan`
     total = args.max_steps or (steps_per_epoch * args.epochs if steps_per_epoch else None)
     try:
         gpu_batch, accumulation, batch_error = *args.accumulation(gpus), ""
@@ -127,7 +134,20 @@ def _stage_plan(
         trainable=trainable,
         prompt=_seed_default(config, "seed_prompt") if config.model.prompt is None else config.model.prompt,
         generation=_generation(config, stage),
+        mixture=mixture,
     )
+
+
+def _mixture(config: Config) -> str:
+    """One global batch per step from one set, drawn with probability ratio / sum (as LAVIS)."""
+    total = sum(s.ratio for s in config.data.train_sets)
+    parts = []
+    for s in config.data.train_sets:
+        what = f"{s.format} {s.annotations}" if s.annotations else "the data section's training split"
+        if s.format == "captions_jsonl" and (s.filter.min_confidence > 0 or s.filter.top_fraction < 1):
+            what += f"; {s.filter.score} >= {s.filter.min_confidence}, top {100 * s.filter.top_fraction:g}%"
+        parts.append(f"{s.name} {100 * s.ratio / total:.1f}% of the steps ({what})")
+    return "; ".join(parts) + "; an epoch sees the first set once in expectation"
 
 
 def _train_counts(config: Config) -> dict[str, Any]:
@@ -195,7 +215,9 @@ def _min_new_tokens(config: Config) -> int | None:
 
 def _generation(config: Config, stage: str) -> dict[str, Any]:
     lengths = {"max_new_tokens": config.eval.max_new_tokens, "min_new_tokens": _min_new_tokens(config)}
-    generation: dict[str, Any] = {"validation": {"num_beams": 1, **lengths}}
+    select = getattr(config, stage).select
+    beams = config.eval.num_beams if select == "beam_cider_bleu4" else 1
+    generation: dict[str, Any] = {"validation": {"num_beams": beams, "select": select, **lengths}}
     generation["eval"] = {"num_beams": config.eval.num_beams, **lengths}
     if stage == "scst":
         s = config.scst
@@ -313,7 +335,12 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
     low = gen["eval"]["min_new_tokens"]
     low = "the seed's minimum (T5 4, OPT/Vicuna 5)" if low is None else low
     lengths = f"{low}..{gen['eval']['max_new_tokens']} new tokens"
-    generation = f"prompt {p.prompt!r}; validation greedy, eval {gen['eval']['num_beams']} beams; {lengths}"
+    val = gen["validation"]
+    best_by = "CIDEr-D + BLEU-4" if val["select"] == "beam_cider_bleu4" else "CIDEr-D"
+    generation = (
+        f"prompt {p.prompt!r}; validation {val['num_beams']} beam(s), best by {best_by}; "
+        f"eval {gen['eval']['num_beams']} beams; {lengths}"
+    )
     if "samples" in gen:
         s = gen["samples"]
         generation += f"; SCST {s['k']} samples, {s['baseline']} baseline, up to {s['max_new_tokens']} tokens"
@@ -332,8 +359,12 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
             f"AdamW, weight decay {p.weight_decay} (not on {', '.join(p.no_decay) or 'nothing'}, nor 1-d); "
             f"gradient clipping {p.grad_clip or 'off'}",
         ),
-        ("frames", f"{p.frames} at {p.image_size} px; {p.views}"),
+        (
+            "frames",
+            f"{p.frames} at {f'{p.image_size} px' if p.image_size else 'the checkpoint image size'}; {p.views}",
+        ),
         ("precision", "; ".join(f"{k} {v}" for k, v in p.precision.items()) + " (on GPU; fp32 on CPU)"),
         ("trainable", trainable),
         ("generation", generation),
+        *([("mixture", p.mixture)] if p.mixture else []),
     ]

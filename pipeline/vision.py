@@ -158,6 +158,11 @@ def load_vision_model(pretrained: str | Path) -> tuple[nn.Module, PretrainedConf
     return vit.eval().requires_grad_(False), config
 
 
+def vision_files(pretrained: str | Path) -> list[Path]:
+    """The safetensors files holding `vision_model.*` tensors (`pipeline.features` hashes them)."""
+    return _vision_files(pretrained)
+
+
 def _vision_files(pretrained: str | Path) -> list[Path]:
     """The safetensors files holding `vision_model.*` tensors: local, or downloaded from the hub."""
     folder = Path(pretrained)

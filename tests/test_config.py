@@ -27,7 +27,7 @@ def test_defaults_match_the_paper_recipe():
     )  # 0: the checkpoint's 224
     assert (config.train.lr, config.train.min_lr, config.train.weight_decay) == (5e-5, 1e-5, 0.05)
     assert (config.eval.num_beams, config.eval.max_new_tokens, config.eval.min_new_tokens) == (5, 32, None)
-    assert config.decode.backend == "decord"
+    assert config.decode.backend == "pyav"
 
 
 def test_yaml_and_overrides(tmp_path):

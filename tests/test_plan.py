@@ -96,11 +96,18 @@ def test_each_preset_trains_the_seed_recipe_except_the_named_differences(preset,
     # it for the flavour (unset here; the plan resolves it when the model's config.json is at hand)
     assert stage_plan.generation["eval"] == {"num_beams": 5, "max_new_tokens": 32, "min_new_tokens": None}
     assert config.eval.min_new_tokens is None
+    assert stage_plan.generation["validation"]["num_beams"] == 5  # best checkpoint as LAVIS: beam search
+    assert stage_plan.generation["validation"]["select"] == "beam_cider_bleu4"
     assert stage_plan.trainable.startswith("unknown")  # hub ids, not downloaded here
 
 
 def test_every_preset_with_training_is_pinned_and_named_in_the_readme():
-    presets = {p.stem for p in (ROOT / "configs").glob("*.yaml")} - {"demo", "ablations_demo"}
+    presets = {p.stem for p in (ROOT / "configs").glob("*.yaml")} - {
+        "demo",
+        "ablations_demo",
+        "demo_pseudo",
+        "ablations_pseudo",
+    }
     assert {preset for preset, _ in SEED} == presets
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## The seed's configs vs ours", 1)[1].split("\n## ", 1)[0]
@@ -155,3 +162,16 @@ def test_plan_of_a_local_model_counts_examples_and_trainable_parameters(tiny_wor
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert stage_plan.trainable["total"] == trained, stage_plan.trainable
         assert ("language_model_lora" in stage_plan.trainable) == (llm == "lora")
+
+
+def test_presets_sharing_a_cache_agree_on_what_its_tokens_depend_on():
+    """One store per (ViT, frames, size, views, seed): presets that name the same path must agree, or
+    the second to extract would be refused by the store's fingerprint."""
+    by_path: dict[str, set] = {}
+    for preset in {preset for preset, _ in SEED}:
+        c = load_config(ROOT / "configs" / f"{preset}.yaml")
+        size = c.model.image_size or 224  # 0: the ViT's own size, 224 for every preset's EVA ViT-g
+        key = (c.run.seed, c.model.num_frames, size, c.cache.train_views, c.data.format)
+        by_path.setdefault(c.cache.path, set()).add(key)
+    assert all(len(keys) == 1 for keys in by_path.values()), by_path
+    assert len(by_path["data/cache/msrvtt_evag_8f_224.zarr"]) == 1
