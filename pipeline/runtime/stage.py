@@ -280,6 +280,9 @@ def stage_inputs(config: Config, name: str) -> dict[str, Any]:
         inputs["annotations"] = content_hash(config.data.annotations)
     if name in UPSTREAM_USES_MODEL:
         inputs["model"] = folder_identity(config.model.pretrained)
+    if name == "caption" and config.caption.model:  # a named model, not the run's best: that is the input
+        inputs["model"] = folder_identity(config.caption.model)
+        return inputs
     for upstream in UPSTREAM_RUNS[name]:
         done = read_done(config, upstream)
         inputs[upstream] = None if done is None else done.get("run_id", done.get("finished_at"))
