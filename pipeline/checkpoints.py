@@ -26,6 +26,7 @@ from pipeline.config import diff_settings
 from pipeline.runtime.distributed import DistEnv, gather
 from pipeline.runtime.files import atomic_write_json, fsync_path, fsync_tree
 from pipeline.runtime.stage import StageError
+from pipeline.sharding import full_optimizer_state, load_optimizer_state
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -98,6 +99,7 @@ def save_checkpoint(
     """Write `checkpoints/step_XXXXXXXX/` atomically (rank 0); every rank must call it (RNG gather)."""
 
     rngs = gather(env, rng_state())
+    optimizer_state = full_optimizer_state(optimizer)  # FSDP: every rank gathers its moments' shards
     if not env.master_process:
         return None
     folder = stage_dir / CHECKPOINTS
@@ -111,7 +113,7 @@ def save_checkpoint(
     save_file(weights, str(tmp / "trainable.safetensors"))
     torch.save(
         {
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(),
             "rng": rngs,
             "state": asdict(state),
@@ -134,7 +136,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, env:
 
     model.load_trainable_state_dict(load_file(str(path / "trainable.safetensors"), device=str(env.device)))
     saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, saved["optimizer"])  # sharded again under FSDP
     scheduler.load_state_dict(saved["scheduler"])
     state = LoopState(**saved["state"])
     rngs = saved["rng"]

@@ -48,9 +48,12 @@ class RunConfig:
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
     demo_unlabelled: float = 0.0
     """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
+    sharding: str = "none"
+    """Under torchrun: `none` (DDP: every process holds the whole model) or `fsdp` (weights, gradients, optimizer state sharded: `llm: full` of a 7B LM)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
+        _check_choice("run.sharding", self.sharding, ("none", "fsdp"))
         for stage in self.stages:
             if stage not in STAGES + STAGE_INSTANCES:
                 choices = ", ".join(STAGES + STAGE_INSTANCES)

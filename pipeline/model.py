@@ -36,10 +36,12 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from pipeline.config import ModelConfig
 from pipeline.flavours import FLAVOURS, Flavour, flavour_of  # noqa: F401 (FLAVOURS, Flavour: re-exported)
+from pipeline.sharding import load_full_tensor
 from pipeline.vision import ARCHITECTURES, architecture, autocast, compute_dtype, run_vit, tokens_per_frame
 
 EXPORT_FILE = "video_model.json"
@@ -492,9 +494,12 @@ class VideoCaptioner(nn.Module):
         if not self.decoder_only:
             config.decoder_start_token_id = self.decoder_start_token_id
         attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        # Under FSDP (sharded LM blocks) every rank must run as many forwards: generate on until all
+        # ranks are done (transformers' `synced_gpus`, as for DeepSpeed ZeRO-3).
+        synced = any(isinstance(p, DTensor) for p in self.language_model.parameters())
         with self._autocast():
             return self.language_model.generate(
-                inputs_embeds=prefix, attention_mask=attention, generation_config=config
+                inputs_embeds=prefix, attention_mask=attention, generation_config=config, synced_gpus=synced
             )
 
     def _place(self, device: torch.device) -> None:
@@ -521,9 +526,8 @@ class VideoCaptioner(nn.Module):
         """Copy a `trainable_state_dict` in; the key sets must match exactly."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         _check_keys(set(state), set(params), "trainable state")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        for name, value in state.items():
+            load_full_tensor(params[name], value)  # sharded like the parameter under FSDP
 
     def save_trained(self, out_dir: str | Path, merge_lora: bool = False) -> Path:
         """Write the export folder (see the module docstring); returns it."""

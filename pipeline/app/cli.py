@@ -117,7 +117,7 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
     "--preset",
     default="tiny-t5",
     show_default=True,
-    help="tiny-t5, tiny-opt, vitg-flan-t5-xl, vitg-opt-2.7b.",
+    help="tiny-t5, tiny-opt, tiny-instructblip (LLaMA-style LM), vitg-flan-t5-xl, vitg-opt-2.7b, vitg-vicuna-7b.",
 )
 @click.option(
     "--vocab-from",
@@ -127,7 +127,7 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
 @user_errors
 def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> None:
-    """Write a randomly initialised BLIP-2 as an ordinary Hugging Face folder (tests, demo, benchmarks)."""
+    """Write a randomly initialised BLIP-2 or InstructBLIP as an ordinary Hugging Face folder (tests, demo, benchmarks)."""
     from pipeline.demo.testmodels import init_model as build
 
     click.echo(str(build(out_dir, preset, vocab_from=vocab_from, seed=seed)))
