@@ -119,8 +119,10 @@ DATA_FORMATS = ("jsonl", "lavis", "msrvtt", "msvd", "vatex", "captions_jsonl")
 class DataConfig:
     format: str = "jsonl"
     """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd`, `vatex` or `captions_jsonl` (`vidcap caption`'s output)."""
-    annotations: str = ""
-    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    annotations: str | list[str] = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`; msrvtt, vatex: their files); msrvtt, vatex: also a list of files."""
+    annotations_split: str = ""
+    """Split of a single vatex annotation file whose name does not say it (`train`, `val`, `test`); empty: from the name."""
     video_root: str = ""
     """Folder that relative video paths are resolved against."""
     video_ext: str = ".mp4"
@@ -138,6 +140,15 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
+        if isinstance(self.annotations, list):
+            if not all(isinstance(p, str) and p for p in self.annotations):
+                raise ConfigError(
+                    f"data.annotations must be a path or a list of paths, got {self.annotations!r}"
+                )
+            if len(self.annotations) == 1:
+                self.annotations = self.annotations[0]
+        elif not isinstance(self.annotations, str):
+            raise ConfigError(f"data.annotations must be a path or a list of paths, got {self.annotations!r}")
         names = [s.name for s in self.train_sets]
         if len(set(names)) != len(names):
             raise ConfigError(f"data.train_sets: names must be unique, got {names}")
@@ -147,13 +158,13 @@ class DataConfig:
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
 
 
 @dataclass
@@ -162,8 +173,8 @@ class ModelConfig:
     """BLIP-2 to start from: a Hugging Face hub id or a local folder."""
     num_frames: int = 8
     """Frames sampled per video (T)."""
-    image_size: int = 224
-    """Side of the square frames fed to the ViT."""
+    image_size: int = 0
+    """Side of the square frames fed to the ViT (0: the checkpoint's own, 224 for BLIP-2; larger interpolates positions)."""
     fusion: str = "concat"
     """How frame tokens reach the Q-Former: `concat` (T*L tokens) or `mean` (average over T)."""
     temporal_embeddings: bool = False
@@ -178,19 +189,31 @@ class ModelConfig:
     """LoRA dropout."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Module names LoRA wraps (T5: `q`, `v`; OPT: `q_proj`, `v_proj`)."""
-    prompt: str = "a video of"
-    """Text prompt given to the language model."""
+    prompt: str | None = None
+    """Text prompt given to the language model (unset: the seed's, "a video of" for T5, "" for OPT and Vicuna)."""
+    qformer_text_input: bool = False
+    """InstructBLIP only: the Q-Former also reads the prompt's tokens (the seed: false)."""
     max_caption_tokens: int = 32
     """Caption length limit in tokens for training targets."""
     dtype: str = "auto"
     """Compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."""
+    vit: str = "frozen"
+    """ViT training: `frozen` (what the feature cache stores) or `full` (paper Fig. 2a; needs `train.source: video`)."""
+    vit_lr_scale: float = 1.0
+    """Learning-rate multiplier of the ViT when `vit: full`."""
+    vit_grad_checkpointing: bool = True
+    """Recompute the trained ViT's activations in the backward pass (LAVIS `use_grad_checkpoint`): far less memory."""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("concat", "mean"))
         _check_choice("model.llm", self.llm, ("frozen", "lora", "full"))
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("model.vit", self.vit, ("frozen", "full"))
         _check_positive("model.num_frames", self.num_frames)
-        _check_positive("model.image_size", self.image_size)
+        if self.image_size < 0:
+            raise ConfigError(
+                f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
+            )
 
 
 @dataclass
@@ -266,6 +289,8 @@ class OptimArgs:
     """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+    select: str = "cider"
+    """Best checkpoint by `cider` (greedy CIDEr-D on val; cheap) or `beam_cider_bleu4` (eval's beams, CIDEr-D + BLEU-4: LAVIS)."""
 
     def key(self, name: str) -> str:
         """The dotted config key of field `name`, for messages."""
@@ -273,6 +298,7 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_choice(self.key("select"), self.select, ("cider", "beam_cider_bleu4"))
         _check_positive(self.key("batch_size"), self.batch_size)
         _check_positive(self.key("grad_accum"), self.grad_accum)
         for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
@@ -327,6 +353,10 @@ class TrainConfig(OptimArgs):
     """Validate on at most N videos of the validation split (0: all)."""
     num_workers: int = 2
     """Data loader workers reading the cache (0: main process)."""
+    allow_no_validation: bool = False
+    """Train although no validation video is available (then `best/` is simply the last epoch's model)."""
+    allow_partial_cache: bool = False
+    """Train although videos of the train or validation split are still pending in the cache (not yet extracted)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -379,8 +409,8 @@ class EvalConfig:
     """Beam width."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the seed's min_length=5 as LAVIS counts it: T5 4, OPT/Vicuna 5)."""
     metrics: list[str] = field(default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"])
     """coco-caption metrics to compute (`SPICE` too where it can run)."""
 
@@ -398,8 +428,8 @@ class CaptionConfig:
     """Beam width (1: greedy)."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the flavour's seed rule, as `eval.min_new_tokens`)."""
     workers: int = 0
     """Local Dask workers (0: in this process)."""
     scheduler: str = ""
@@ -430,6 +460,16 @@ class Config:
     stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
 
+    def __post_init__(self) -> None:
+        # The feature cache holds a frozen ViT's tokens: a trained ViT must see the frames.
+        if self.model.vit != "frozen":
+            for key, value in (("train.source", self.train.source), ("eval.source", self.eval.source)):
+                if value == "cache":
+                    raise ConfigError(
+                        f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
+                        f"frozen ViT from the feature cache; set {key}: video"
+                    )
+
     @property
     def output_dir(self) -> Path:
         return Path(self.run.output_dir)
@@ -457,7 +497,7 @@ class Config:
             self,
             run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
             data=replace(
-                data, annotations=absolute_path(data.annotations), video_root=absolute_path(data.video_root)
+                data, annotations=absolute_paths(data.annotations), video_root=absolute_path(data.video_root)
             ),
             model=replace(self.model, pretrained=model_location(self.model.pretrained)),
             cache=replace(self.cache, path=absolute_path(self.cache.path)),
@@ -473,6 +513,11 @@ class Config:
 def absolute_path(path: str) -> str:
     """`path` made absolute against the current directory (`~` expanded); "" stays ""."""
     return str(Path(path).expanduser().absolute()) if path else path
+
+
+def absolute_paths(paths: str | list[str]) -> str | list[str]:
+    """`absolute_path` of one path or of each of a list."""
+    return [absolute_path(p) for p in paths] if isinstance(paths, list) else absolute_path(paths)
 
 
 def model_location(name: str) -> str:
@@ -491,6 +536,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
         "data.format",
         "data.annotations",
+        "data.annotations_split",
         "data.video_root",
         "data.video_ext",
         "data.max_videos",
@@ -527,7 +573,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
-        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "train.select",
+        "eval.num_beams",  # validation with `train.select: beam_cider_bleu4` uses eval's beams
+        "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
     ),

@@ -32,7 +32,8 @@ How OUT stays correct when several workers write and anything can be killed
 * a video counts as done when OUT holds its record (all its windows, in window mode);
   re-running with the same OUT captions only the others, so nothing is done twice and no
   record is duplicated;
-* one run at a time per OUT: a lock file `OUT.lock` refuses a second concurrent run.
+* one run at a time per OUT: a lock beside it (`.OUT.lock`) refuses a second concurrent run;
+* OUT may not be one of the inputs (a manifest, a video): that is refused before anything is written.
 
 Errors (missing, empty, corrupt, non-video files) become `error` records and never stop the run.
 """
@@ -74,7 +75,14 @@ from pipeline.runtime.cluster import (
     worker_cached,
 )
 from pipeline.runtime.records import exclusive_writer, merge_parts, read_records, recorded_videos
-from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
+from pipeline.runtime.stage import (
+    Stage,
+    StageError,
+    check_outputs_apart,
+    resolve_device,
+    stage_entry,
+    stage_logger,
+)
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
 from pipeline.video import VideoDecodeError, load_clip, probe_video
@@ -83,6 +91,7 @@ CAPTIONS_FILE = "captions.jsonl"
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
 
 
+@stage_entry("caption")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """The pipeline's `caption` stage: caption `caption.inputs` with the run's model into `caption.out`."""
     if not config.caption.inputs:
@@ -106,6 +115,7 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     parts = out.with_name(out.name + ".parts")
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
+    check_outputs_apart({"--out": out}, {f"input {name!r}": name for name in inputs})
     with exclusive_writer(out):
         _refuse_other_settings(out, model_path, config)
         items = expand_inputs(inputs, log)
@@ -190,6 +200,7 @@ class _Totals(Tally):
         self.captioned += result["captioned"]
         self.errors += result["errors"]
         self.add_seconds({k: result[k] for k in TIMERS})
+        self.add_fallbacks(result.get("decode_fallbacks", {}))
 
     def summary(self, out: Path, model: str, mode: str, setup_s: float, seconds: float) -> dict[str, Any]:
         common = self.common_summary(mode, self.captioned + self.errors, setup_s, seconds)
@@ -212,7 +223,7 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
             model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
         else:  # a base BLIP-2: zero-shot with config.model's settings
             model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
-        return model, {"num_frames": model.cfg.num_frames, "image_size": model.cfg.image_size}
+        return model, {"num_frames": model.cfg.num_frames, "image_size": model.image_size}
 
     key = ("captioner", model_path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), device)
     model, settings = worker_cached(key, load)
@@ -230,7 +241,12 @@ def caption_task(
     name, items = task
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
-    result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
+    result: dict[str, Any] = {
+        "captioned": 0,
+        "errors": 0,
+        **dict.fromkeys(TIMERS, 0.0),
+        "decode_fallbacks": {},
+    }
     base = {**_settings(model_path, config), "num_frames": settings["num_frames"]}
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -332,16 +348,22 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
     """Clips of `items` in order, decoded about two batches ahead in `pool`."""
     ahead = 2 * config.caption.batch_size + config.caption.decode_workers
     decode = partial(_decode_item, settings=settings, config=config)
-    for (clips, seconds), waited in prefetch_map(pool, decode, items, ahead):
+    for (clips, seconds, fallbacks), waited in prefetch_map(pool, decode, items, ahead):
         timers["decode_s"] += seconds
         timers["decode_wait_s"] += waited
+        for reason in set(fallbacks):  # once per video, however many windows it has
+            timers["decode_fallbacks"][reason] = timers["decode_fallbacks"].get(reason, 0) + 1
         yield from clips
 
 
-def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
-    """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
+def _decode_item(
+    item: VideoInput, settings: dict[str, int], config: Config
+) -> tuple[list[_Clip], float, list[str]]:
+    """One video's clips (one, or one per window) as normalised pixels, or one error clip; and why
+    decoding fell back to pyav, if it did."""
 
     started = time.perf_counter()
+    fallbacks: list[str] = []
     backend, threads = config.decode.backend, config.decode.threads
     try:
         spans: list[tuple[float | None, float | None]] = [(None, None)]
@@ -361,6 +383,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
                 threads=threads,
                 start_sec=start,
                 end_sec=end,
+                fallbacks=fallbacks,
             )  # (T, S, S, 3)
             clips.append(
                 _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
@@ -369,7 +392,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
         clips = [_Clip(item, error=str(e))]
     except Exception as e:  # one video must never stop a run over millions: record why, go on
         clips = [_Clip(item, error=f"{item.video}: {type(e).__name__}: {e}")]
-    return clips, time.perf_counter() - started
+    return clips, time.perf_counter() - started, fallbacks
 
 
 def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:

@@ -3,8 +3,9 @@
     vidcap train --config configs/msrvtt_t5xl_ce.yaml                      # one process (GPU or CPU)
     torchrun --nproc_per_node 8 run_pipeline.py --config configs/msrvtt_t5xl_ce.yaml --stages train
 
-`train.batch_size` is the global batch: with 8 processes and `train.grad_accum: 2`, each
-process runs micro-batches of batch_size / 16. Frame tokens come from the feature cache
+`train.batch_size` is the global batch and `train.gpu_batch` the per-process micro-batch: 512
+and 64 run without accumulation on 8 processes and accumulate 4 micro-batches on 2
+(`vidcap plan --gpus N` shows the split). Frame tokens come from the feature cache
 (`train.source: cache`, the ViT is not even loaded) or from the videos (`video`: decode + ViT
 every step, for comparison or when there is no cache).
 
@@ -33,7 +34,7 @@ from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
 from pipeline.runtime.distributed import setup_distributed
 from pipeline.runtime.files import atomic_write_json
-from pipeline.runtime.stage import StageError
+from pipeline.runtime.stage import StageError, stage_entry
 from pipeline.training import BEST_SCORE_FILE, best_model_dir, build_job, finish_stage, fit, open_stage
 
 
@@ -42,6 +43,7 @@ def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     return model.ce_loss(batch["frame_tokens"], batch["captions"]), {}
 
 
+@stage_entry("train")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Train with cross-entropy; returns the summary (best val CIDEr-D, epochs, steps, seconds, best path)."""
 
