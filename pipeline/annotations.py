@@ -16,6 +16,8 @@ list of videos (id, resolved path, split, raw reference captions). Formats (`dat
 * ``vatex``: a JSON list of ``{"videoID", "enCap": [...]}``; one file per split, the split read
   from the file name (or given: ``data.annotations_split``), or a folder of such files; see
   `read_vatex`.
+* ``captions_jsonl``: what `vidcap caption` writes, one captioned video per line, as a training
+  set of pseudo-labels (split ``train``), optionally filtered by confidence; see `read_captions_jsonl`.
 
 Every manifest remembers, per split, the files its reference captions were looked for in
 (`Manifest.searched`), so that `require_references` can stop a split that has videos but no

@@ -768,19 +768,7 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
             settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
-    if stage == "train":  # the mixture's annotations are read by content (pseudo-labels get rewritten)
-        for train_set in config.data.train_sets:
-            if train_set.annotations and Path(train_set.annotations).is_file():
-                settings[f"<{train_set.name} annotations>"] = _file_digest(Path(train_set.annotations))
     return settings
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def stage_fingerprint(config: Config, stage: str) -> str:

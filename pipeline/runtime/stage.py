@@ -286,6 +286,10 @@ def stage_inputs(config: Config, name: str) -> dict[str, Any]:
     for upstream in UPSTREAM_RUNS[name]:
         done = read_done(config, upstream)
         inputs[upstream] = None if done is None else done.get("run_id", done.get("finished_at"))
+    if name == "train":  # a mixture also reads its other sets (pseudo-labels get rewritten)
+        for train_set in config.data.train_sets:
+            if train_set.annotations:
+                inputs[f"{train_set.name} annotations"] = content_hash(train_set.annotations)
     return inputs
 
 
