@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -49,6 +51,14 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"run.device must be auto, cpu, cuda or cuda:N (N a GPU index); got {self.device!r}"
+            )
+        _check_at_least("run.threads", self.threads, 0)
+        _check_positive("run.demo_videos", self.demo_videos)
+        if not self.output_dir:
+            raise ConfigError("run.output_dir must not be empty")
         for stage in self.stages:
             if stage not in STAGES:
                 raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
@@ -75,6 +85,7 @@ class DataConfig:
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+        _check_at_least("data.max_videos", self.max_videos, 0)
 
 
 @dataclass
@@ -86,6 +97,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_at_least("decode.threads", self.threads, 0)
 
 
 @dataclass
@@ -123,6 +135,14 @@ class ModelConfig:
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _check_positive("model.num_frames", self.num_frames)
         _check_positive("model.image_size", self.image_size)
+        _check_positive("model.max_caption_tokens", self.max_caption_tokens)
+        _check_positive("model.lora_r", self.lora_r)
+        _check_positive("model.lora_alpha", self.lora_alpha)
+        _check_range("model.lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.llm == "lora" and not self.lora_target_modules:
+            raise ConfigError("model.lora_target_modules must name at least one module when model.llm=lora")
+        if not self.pretrained:
+            raise ConfigError("model.pretrained must name a hub id or a local folder; it is empty")
 
 
 @dataclass
@@ -138,8 +158,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_choice("cache.codec", self.codec, ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none"))
-        if self.train_views < 0:
-            raise ConfigError(f"cache.train_views must be >= 0, got {self.train_views}")
+        _check_at_least("cache.train_views", self.train_views, 0)
+        low, high = CODEC_LEVELS[self.codec]
+        _check_range(f"cache.codec_level (codec {self.codec})", self.codec_level, low, high)
 
 
 @dataclass
@@ -154,6 +175,11 @@ class ExtractConfig:
     """Address of a running Dask scheduler (`tcp://host:8786`); overrides `workers`."""
     splits: list[str] = field(default_factory=list)
     """Splits to extract (empty: every split in the annotations)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("extract.batch_size", self.batch_size)
+        _check_at_least("extract.decode_workers", self.decode_workers, 0)
+        _check_at_least("extract.workers", self.workers, 0)
 
 
 @dataclass
@@ -200,6 +226,17 @@ class TrainConfig:
             raise ConfigError(
                 f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
             )
+        _check_positive("train.epochs", self.epochs)
+        _check_learning_rates("train", self.lr, self.min_lr)
+        _check_at_least("train.warmup_lr", self.warmup_lr, 0.0)
+        _check_at_least("train.warmup_steps", self.warmup_steps, 0)
+        _check_at_least("train.weight_decay", self.weight_decay, 0.0)
+        _check_at_least("train.temporal_lr_scale", self.temporal_lr_scale, 0.0)
+        _check_at_least("train.grad_clip", self.grad_clip, 0.0)
+        _check_positive("train.checkpoint_every", self.checkpoint_every)
+        _check_positive("train.log_every", self.log_every)
+        _check_at_least("train.val_max_videos", self.val_max_videos, 0)
+        _check_at_least("train.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -239,8 +276,24 @@ class ScstConfig:
 
     def __post_init__(self) -> None:
         _check_choice("scst.baseline", self.baseline, ("greedy", "mean"))
+        _check_positive("scst.samples", self.samples)
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("scst.baseline=mean needs scst.samples >= 2")
+        _check_at_least("scst.max_steps", self.max_steps, 0)
+        if self.max_steps == 0:
+            _check_positive("scst.epochs (scst.max_steps is 0)", self.epochs)
+        _check_at_least("scst.epochs", self.epochs, 0)
+        _check_positive("scst.batch_size", self.batch_size)
+        _check_learning_rates("scst", self.lr, self.min_lr)
+        _check_at_least("scst.warmup_steps", self.warmup_steps, 0)
+        _check_at_least("scst.weight_decay", self.weight_decay, 0.0)
+        _check_at_least("scst.grad_clip", self.grad_clip, 0.0)
+        _check_range("scst.temperature", self.temperature, 0.0, None, low_inclusive=False)
+        _check_at_least("scst.top_k", self.top_k, 0)
+        _check_range("scst.top_p", self.top_p, 0.0, 1.0, low_inclusive=False)
+        _check_positive("scst.max_new_tokens", self.max_new_tokens)
+        _check_positive("scst.checkpoint_every", self.checkpoint_every)
+        _check_positive("scst.log_every", self.log_every)
 
 
 @dataclass
@@ -264,6 +317,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("eval.source", self.source, ("auto", "cache", "video"))
+        if not self.models:
+            raise ConfigError("eval.models is empty; name at least one of zero_shot, ce, scst or a folder")
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_decoding("eval", self.num_beams, self.min_new_tokens, self.max_new_tokens)
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        if unknown or not self.metrics:
+            raise ConfigError(
+                f"eval.metrics: unknown metric {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"choose from {', '.join(METRIC_NAMES)}"
+            )
 
 
 @dataclass
@@ -291,6 +354,14 @@ class CaptionConfig:
     out: str = ""
     """JSONL the `caption` stage writes (empty: `<run.output_dir>/caption/captions.jsonl`)."""
 
+    def __post_init__(self) -> None:
+        _check_positive("caption.batch_size", self.batch_size)
+        _check_at_least("caption.decode_workers", self.decode_workers, 0)
+        _check_decoding("caption", self.num_beams, self.min_new_tokens, self.max_new_tokens)
+        _check_at_least("caption.workers", self.workers, 0)
+        if not (math.isfinite(self.window) and self.window >= 0):
+            raise ConfigError(f"caption.window must be >= 0 seconds (0: whole video), got {self.window}")
+
 
 @dataclass
 class Config:
@@ -305,6 +376,13 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.scst.max_new_tokens < self.eval.min_new_tokens:
+            raise ConfigError(
+                f"scst.max_new_tokens ({self.scst.max_new_tokens}) must be at least "
+                f"eval.min_new_tokens ({self.eval.min_new_tokens})"
+            )
 
     @property
     def output_dir(self) -> Path:
@@ -322,6 +400,17 @@ class Config:
 
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# coco-caption metric names (pipeline/metrics.py computes them; a test keeps the two in step).
+METRIC_NAMES = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+# Valid levels per codec: blosc's clevel 0-9, zstd's 1-22 (0: its default); lz4 ignores it.
+CODEC_LEVELS: dict[str, tuple[int | None, int | None]] = {
+    "zstd": (0, 22),
+    "blosc-zstd": (0, 9),
+    "blosc-lz4": (0, 9),
+    "lz4": (None, None),
+    "none": (None, None),
+}
 
 # Settings that change each stage's outputs. A stage's fingerprint also folds in the
 # fingerprints of the stages it reads from, so retraining invalidates evaluation.
@@ -384,6 +473,51 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "scst"),
     "caption": ("train", "scst"),
 }
+
+
+# The stages that read the annotations, and the formats whose annotations are a folder.
+READS_ANNOTATIONS = ("extract", "train", "scst", "eval")
+FOLDER_FORMATS = ("lavis", "msvd")
+
+
+def check_stage_inputs(config: Config, stage: str) -> None:
+    """Refuse a config whose input paths that `stage` reads do not exist (or are the wrong kind).
+
+    Run when a stage starts, before it touches anything: the schema alone cannot know which
+    paths a command needs (`vidcap caption` reads no annotations; `prepare: demo` writes them).
+    """
+    data = config.data
+    if stage in READS_ANNOTATIONS and data.annotations:
+        path = Path(data.annotations)
+        want_folder = data.format in FOLDER_FORMATS
+        if not path.exists():
+            raise ConfigError(
+                f"{config.source}: data.annotations: no such {'folder' if want_folder else 'file'} {path}"
+            )
+        if path.is_dir() != want_folder:
+            kind = "a folder" if path.is_dir() else "a file"
+            need = "a folder of cap_{train,val,test}.json" if want_folder else "a file"
+            raise ConfigError(
+                f"{config.source}: data.annotations={path} is {kind}; data.format={data.format} needs {need}"
+            )
+    if stage == "extract" and data.video_root and not Path(data.video_root).is_dir():
+        raise ConfigError(f"{config.source}: data.video_root: no such folder {data.video_root}")
+    models = [("model.pretrained", config.model.pretrained)]
+    if stage == "caption" and config.caption.model:
+        models.append(("caption.model", config.caption.model))
+    for key, value in models:
+        if looks_like_local_path(value) and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{config.source}: {key}: no such model folder {value}")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` cannot be a Hugging Face hub id (`org/name`), so it must be a local folder."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or "\\" in name
+    )
 
 
 def _yaml() -> Any:
@@ -521,9 +655,49 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_positive(key: str, value: int) -> None:
-    if value <= 0:
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
         raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _check_at_least(key: str, value: float, minimum: float) -> None:
+    if not value >= minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """`value` within [low, high] (open ends where not inclusive; None: unbounded)."""
+    below = low is not None and (value < low if low_inclusive else value <= low)
+    above = high is not None and (value > high if high_inclusive else value >= high)
+    if below or above or value != value:  # NaN is never in range
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        span = f"{'[' if low_inclusive else '('}{left}, {right}{']' if high_inclusive else ')'}"
+        raise ConfigError(f"{key} must be in {span}, got {value}")
+
+
+def _check_learning_rates(section: str, lr: float, min_lr: float) -> None:
+    _check_positive(f"{section}.lr", lr)
+    _check_at_least(f"{section}.min_lr", min_lr, 0.0)
+    if min_lr > lr:
+        raise ConfigError(f"{section}.min_lr ({min_lr}) must not exceed {section}.lr ({lr})")
+
+
+def _check_decoding(section: str, num_beams: int, min_new_tokens: int, max_new_tokens: int) -> None:
+    _check_positive(f"{section}.num_beams", num_beams)
+    _check_positive(f"{section}.max_new_tokens", max_new_tokens)
+    _check_at_least(f"{section}.min_new_tokens", min_new_tokens, 0)
+    if min_new_tokens > max_new_tokens:
+        raise ConfigError(
+            f"{section}.min_new_tokens ({min_new_tokens}) must not exceed {section}.max_new_tokens ({max_new_tokens})"
+        )
 
 
 # ---------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, diff_settings, stage_fingerprint, stage_settings
+from pipeline.config import Config, check_stage_inputs, diff_settings, stage_fingerprint, stage_settings
 from pipeline.errors import StageError
 from pipeline.runtime.files import atomic_write_json
 
@@ -42,6 +42,7 @@ class Stage:
     """One stage's folder and bookkeeping: skip when done, refuse a changed config, log to a file."""
 
     def __init__(self, config: Config, name: str, force: bool = False, fresh_on_force: bool = False):
+        check_stage_inputs(config, name)  # before anything is read, skipped or deleted
         self.config = config
         self.name = name
         self.dir = config.stage_dir(name)
