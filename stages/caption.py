@@ -7,14 +7,19 @@
 Inputs are video files, folders (searched recursively for video extensions), globs, or
 manifests: our JSONL (`video` or `video_id` per line), a CSV with a `path` (or `video`)
 column, or a `.txt` list of paths (`pipeline/inputs.py`).
-Each video becomes one JSON line in OUT:
+Each video becomes one JSON line in OUT, which says how its caption was made:
 
-    {"video": "/abs/path.mp4", "caption": "a man is cooking", "model": ..., "num_frames": 8,
-     "sampling": "uniform"}                         # or "error": "<why it could not be read>"
+    {"video": "/abs/path.mp4", "caption": "a man is cooking",   # or "error": "<why it could not be read>"
+     "model": "/abs/model", "model_sha256": "<hash of the model folder's files>", "num_frames": 8,
+     "image_size": 224, "sampling": "uniform", "num_beams": 5, "max_new_tokens": 32, "min_new_tokens": 5}
+
+(`model_sha256` is `hub:<id>` for a hub id; for an export it covers its base folder too.)
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
-Re-running into an OUT written with another model, frame count or window is refused.
+Re-running into an OUT written with another model (other files, wherever they lie), frames,
+image size, beams, caption lengths or window is refused, with the differences listed.
+`--retry-errors` attempts the videos with an `error` record again and keeps the rest.
 
 How OUT stays correct when several workers write and anything can be killed
 (`pipeline/runtime/records.py`):
@@ -34,6 +39,7 @@ Errors (missing, empty, corrupt, non-video files) become `error` records and nev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -51,7 +57,7 @@ import torch
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
-from pipeline.model import VideoCaptioner, is_export
+from pipeline.model import EXPORT_FILE, VideoCaptioner, is_export
 from pipeline.runtime.cluster import (
     Tally,
     chunk_size_for,
@@ -65,7 +71,14 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
-from pipeline.runtime.records import exclusive_writer, merge_parts, read_records, recorded_videos
+from pipeline.runtime.hashing import folder_sha256
+from pipeline.runtime.records import (
+    drop_error_records,
+    exclusive_writer,
+    merge_parts,
+    read_records,
+    recorded_videos,
+)
 from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
@@ -89,8 +102,14 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     return stage.finish(caption_videos(list(config.caption.inputs), model, out, config))
 
 
-def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Config) -> dict[str, Any]:
-    """Caption every video `inputs` name into the JSONL `out_path`, skipping those already in it."""
+def caption_videos(
+    inputs: list[str], model_path: str, out_path: str, config: Config, retry_errors: bool = False
+) -> dict[str, Any]:
+    """Caption every video `inputs` name into the JSONL `out_path`, skipping those already in it.
+
+    With `retry_errors`, the videos OUT holds an `error` record for are attempted again (their
+    error records are dropped from OUT first; the new records go at its end).
+    """
     started = time.time()
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -98,10 +117,14 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
     with exclusive_writer(out):
-        _refuse_other_settings(out, model_path, config)
+        settings = record_settings(model_path, config)
+        _refuse_other_settings(out, settings)
         items = expand_inputs(inputs, log)
         order = [it.video for it in items]
         merge_parts(out, parts, order)  # first finish what a killed run left behind
+        retried = drop_error_records(out) if retry_errors else 0
+        if retried:
+            log.info("caption: %d error records dropped from %s, to try their videos again", retried, out)
         recorded = recorded_videos(out)
         todo = [it for it in items if it.video not in recorded]
         nothing_to_do = not todo  # then no cluster is started
@@ -120,12 +143,13 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             tasks = [(f"{run_id}-{i:05d}", chunk) for i, chunk in enumerate(chunks)]
             with progress_counter(len(todo), "caption") as bar:
-                run_chunks(client, caption_task, tasks, model_path, str(parts), config,
+                run_chunks(client, caption_task, tasks, model_path, str(parts), config, settings,
                            on_result=totals.add, on_progress=bar.update)  # fmt: skip
         merge_parts(out, parts, order)
     summary = totals.summary(
         out, model_path, mode, setup_s=totals.started - started, seconds=time.time() - started
     )
+    summary["retried"] = retried
     log.info(
         "caption: %d captioned, %d errors, %d skipped in %.1f s (setup %.1f s; %.2f videos/s; decode %.1f s, "
         "waited for decoding %.1f s, ViT %.1f s, generate %.1f s)",
@@ -136,27 +160,72 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     return summary
 
 
-def _settings(model_path: str, config: Config) -> dict[str, Any]:
-    """What makes a caption what it is, written into every record and checked on resume."""
-    exported = is_export(Path(model_path))  # then the export fixes the frames
-    model = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path  # a hub id as given
-    settings: dict[str, Any] = {"model": model, "sampling": EVAL_SAMPLING}
-    if not exported:
-        settings["num_frames"] = config.model.num_frames
-    if config.caption.window > 0:
-        settings["window_s"] = config.caption.window
+# The keys of a record that say how its caption was made; a resume must match every one.
+SETTINGS_KEYS = (
+    "model_sha256",
+    "num_frames",
+    "image_size",
+    "sampling",
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "window_s",
+)
+
+
+def record_settings(model_path: str, config: Config) -> dict[str, Any]:
+    """What makes a caption what it is, written into every record and checked on resume: the
+    model (its path for people, the hash of its files for the check), its frames, the decoding."""
+    folder = Path(model_path)
+    cap = config.caption
+    settings: dict[str, Any] = {
+        "model": str(folder.resolve()) if folder.is_dir() else model_path,  # a hub id as given
+        "model_sha256": model_identity(model_path),
+        **_model_frames(model_path, config),
+        "sampling": EVAL_SAMPLING,
+        "num_beams": cap.num_beams,
+        "max_new_tokens": cap.max_new_tokens,
+        "min_new_tokens": cap.min_new_tokens,
+    }
+    if cap.window > 0:
+        settings["window_s"] = cap.window
     return settings
 
 
-def _refuse_other_settings(out: Path, model_path: str, config: Config) -> None:
-    """OUT's records must come from this model and windowing, or a resume would mix captions."""
+def model_identity(model_path: str) -> str:
+    """The content hash of a model folder (with an export's base folder, when it is one); a hub id
+    (nothing local to hash) is identified by its name."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        return f"hub:{model_path}"
+    digest = folder_sha256(folder)
+    if is_export(folder):
+        meta = json.loads((folder / EXPORT_FILE).read_text())
+        if not meta.get("merged"):  # the export holds the trained parts; the rest is its base
+            digest = hashlib.sha256(f"{digest}+{model_identity(meta['pretrained'])}".encode()).hexdigest()
+    return digest
+
+
+def _model_frames(model_path: str, config: Config) -> dict[str, int]:
+    """Frames and image size the model captions with: an export's own, else `config.model`'s."""
+    model = config.model
+    if is_export(Path(model_path)):
+        model = json.loads((Path(model_path) / EXPORT_FILE).read_text())["model"]
+        return {"num_frames": int(model["num_frames"]), "image_size": int(model["image_size"])}
+    return {"num_frames": model.num_frames, "image_size": model.image_size}
+
+
+def _refuse_other_settings(out: Path, want: dict[str, Any]) -> None:
+    """OUT's records must come from this model and these settings, or a resume would mix captions."""
     first = next(read_records(out), None)
     if first is None:
         return
-    want = _settings(model_path, config)
-    keys = ["model", "sampling", "window_s"] + (["num_frames"] if "num_frames" in want else [])
-    changed = [f"{k}: {first.get(k)!r} -> {want.get(k)!r}" for k in keys if first.get(k) != want.get(k)]
+    changed = [
+        f"{k}: {first.get(k)!r} -> {want.get(k)!r}" for k in SETTINGS_KEYS if first.get(k) != want.get(k)
+    ]
     if changed:
+        if first.get("model") != want["model"]:
+            changed.append(f"(model: {first.get('model')!r} -> {want['model']!r})")
         raise StageError(
             f"{out} holds captions made with other settings ({'; '.join(changed)}); "
             "use another --out, or delete it to caption again"
@@ -208,14 +277,17 @@ def caption_task(
     model_path: str,
     parts_dir: str,
     config: Config,
+    base: dict[str, Any],
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Caption one chunk of videos into its own part file; returns counts and seconds."""
+    """Caption one chunk of videos into its own part file; returns counts and seconds.
+
+    `base` is `record_settings(model_path, config)`, computed once by the caller: every record has it.
+    """
     name, items = task
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
     result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
-    base = {**_settings(model_path, config), "num_frames": settings["num_frames"]}
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
     with (

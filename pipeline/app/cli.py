@@ -77,26 +77,30 @@ def run(ctx: click.Context) -> None:
     type=click.Path(dir_okay=False),
     help="Output JSONL (appended; resumable).",
 )
+@click.option(
+    "--retry-errors", is_flag=True, help="Caption again the videos --out holds an error record for."
+)
 @config_options
 @user_errors
 def caption(
     inputs: tuple[str, ...],
     model_path: str,
     out_path: str,
+    retry_errors: bool,
     config_path: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Caption video files, folders, globs or manifests (JSONL, CSV with a path column, text list).
 
     Re-running with the same --out skips videos already captioned; unreadable videos get an
-    `error` record and never stop the run.
+    `error` record and never stop the run (--retry-errors tries them again).
     """
     from pipeline.runtime.stage import configure_threads
     from stages.caption import caption_videos
 
     config = cli_config(config_path, overrides)
     configure_threads(config)
-    print_json(caption_videos(list(inputs), model_path, out_path, config))
+    print_json(caption_videos(list(inputs), model_path, out_path, config, retry_errors=retry_errors))
 
 
 @main.command()
