@@ -41,7 +41,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
+import logging
 import os
 import time
 import uuid
@@ -49,6 +49,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -82,10 +83,12 @@ from pipeline.runtime.records import (
 from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
-from pipeline.video import VideoDecodeError, load_clip, probe_video
+from pipeline.video import VideoDecodeError, load_clip
+from pipeline.windows import iter_windows
 
 CAPTIONS_FILE = "captions.jsonl"
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
+PROGRESS_EVERY_S = 30.0  # a long windowed video logs how far it got this often
 
 
 def run(config: Config, force: bool = False) -> dict[str, Any]:
@@ -303,10 +306,12 @@ def caption_task(
             f.flush()
             os.fsync(f.fileno())
             result["write_s"] += time.perf_counter() - started
-            finished = {r["video"] for r in records}
-            result["errors"] += len({r["video"] for r in records if "error" in r})
-            result["captioned"] += len(finished) - len({r["video"] for r in records if "error" in r})
-            if on_batch is not None:
+            # a video is finished by its error record or its last window (windows span batches)
+            failed = {r["video"] for r in records if "error" in r}
+            finished = failed | {r["video"] for r in records if r.get("window", 0) == r.get("windows", 1) - 1}
+            result["errors"] += len(failed)
+            result["captioned"] += len(finished - failed)
+            if on_batch is not None and finished:
                 on_batch(len(finished))
     return result
 
@@ -374,12 +379,13 @@ def _record(clip: _Clip, base: dict[str, Any], **result: str) -> dict[str, Any]:
 
 
 def _clip_batches(clips: Iterator[_Clip], batch_size: int) -> Iterator[_ClipBatch]:
-    """Batches of `batch_size` clips; a batch ends only between videos, so a video's records go out together."""
+    """Batches of `batch_size` clips. A batch of whole videos ends only between videos; a long video's
+    windows fill batch after batch, so memory holds one batch of windows whatever its length."""
     batch = _ClipBatch()
     for clip in clips:
         (batch.errors if clip.error else batch.clips).append(clip)
         last_of_video = clip.window == clip.windows - 1 or bool(clip.error)
-        if len(batch.clips) >= batch_size and last_of_video:
+        if len(batch.clips) >= batch_size and (last_of_video or clip.start is not None):
             yield batch
             batch = _ClipBatch()
     if batch.clips or batch.errors:
@@ -388,8 +394,21 @@ def _clip_batches(clips: Iterator[_Clip], batch_size: int) -> Iterator[_ClipBatc
 
 def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, pool: ThreadPoolExecutor,
              timers: dict[str, float]) -> Iterator[_Clip]:  # fmt: skip
-    """Clips of `items` in order, decoded about two batches ahead in `pool`."""
+    """Clips of `items` in order, decoded about two batches ahead: whole videos in `pool`, windows
+    of one video after another in one thread of their own (`pipeline/windows.py`)."""
     ahead = 2 * config.caption.batch_size + config.caption.decode_workers
+    if config.caption.window > 0:
+        clips = _windowed_clips(items, settings, config)
+        with ThreadPoolExecutor(1, thread_name_prefix="windows") as reader:
+            for (clip, seconds), waited in prefetch_map(
+                reader, lambda _: _timed(next, clips, None), count(), ahead
+            ):
+                if clip is None:
+                    return
+                timers["decode_s"] += seconds
+                timers["decode_wait_s"] += waited
+                yield clip
+        return
     decode = partial(_decode_item, settings=settings, config=config)
     for (clips, seconds), waited in prefetch_map(pool, decode, items, ahead):
         timers["decode_s"] += seconds
@@ -397,44 +416,56 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
         yield from clips
 
 
-def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
-    """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
-
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     started = time.perf_counter()
-    backend, threads = config.decode.backend, config.decode.threads
+    return fn(*args), time.perf_counter() - started
+
+
+def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
+    """One whole video's clip as normalised pixels, or an error clip."""
+    started = time.perf_counter()
     try:
-        spans: list[tuple[float | None, float | None]] = [(None, None)]
-        if config.caption.window > 0:
-            duration = probe_video(item.video, backend).duration
-            if not duration > 0:
-                raise VideoDecodeError(item.video, "unknown duration: cannot cut it into windows")
-            spans = _windows(duration, config.caption.window)
-        clips = []
-        for i, (start, end) in enumerate(spans):
-            frames = load_clip(
-                item.video,
-                settings["num_frames"],
-                settings["image_size"],
-                view=0,
-                backend=backend,
-                threads=threads,
-                start_sec=start,
-                end_sec=end,
-            )  # (T, S, S, 3)
-            clips.append(
-                _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
-            )
-    except VideoDecodeError as e:
-        clips = [_Clip(item, error=str(e))]
-    except Exception as e:  # one video must never stop a run over millions: record why, go on
-        clips = [_Clip(item, error=f"{item.video}: {type(e).__name__}: {e}")]
-    return clips, time.perf_counter() - started
+        frames = load_clip(
+            item.video,
+            settings["num_frames"],
+            settings["image_size"],
+            view=0,
+            backend=config.decode.backend,
+            threads=config.decode.threads,
+        )  # (T, S, S, 3) fmt: skip
+        clip = _Clip(item, normalize_frames(frames))
+    except Exception as e:
+        clip = _error_clip(item, e)
+    return [clip], time.perf_counter() - started
 
 
-def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:
-    """[start, end) spans of `window` seconds covering `duration`, in milliseconds; the last one may
-    be shorter, and a remainder under 1 ms (a duration just past a multiple of the window) is not
-    a window of its own."""
-    count = max(1, math.ceil((duration - 1e-3) / window))
-    edges = [round(min(duration, i * window), 3) for i in range(count)] + [round(duration, 3)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+def _windowed_clips(items: list[VideoInput], settings: dict[str, int], config: Config) -> Iterator[_Clip]:
+    """The windows of each video in turn, decoded in one pass per video; a video that fails part-way
+    ends with an error clip (its record then stands for the whole video). Logs progress per video."""
+    log = logging.getLogger("vidcap.caption")
+    for item in items:
+        windows = iter_windows(item.video, settings["num_frames"], settings["image_size"], config.caption.window,
+                               threads=config.decode.threads)  # fmt: skip
+        started = last_report = time.perf_counter()
+        try:
+            for w in windows:
+                yield _Clip(item, normalize_frames(w.frames), start=w.start, end=w.end, window=w.index,
+                            windows=w.count)  # fmt: skip
+                if (
+                    time.perf_counter() - last_report > PROGRESS_EVERY_S
+                    or w.index == w.count - 1
+                    and w.count > 1
+                ):
+                    last_report = time.perf_counter()
+                    log.info("caption: %s: window %d/%d (%.0f s of video) after %.1f s", item.video,
+                             w.index + 1, w.count, w.end, last_report - started)  # fmt: skip
+        except Exception as e:
+            yield _error_clip(item, e)
+
+
+def _error_clip(item: VideoInput, error: Exception) -> _Clip:
+    """A video that could not be captioned: why, as its record will say."""
+    if isinstance(error, VideoDecodeError):
+        return _Clip(item, error=str(error))
+    # one video must never stop a run over millions: record why, go on
+    return _Clip(item, error=f"{item.video}: {type(error).__name__}: {error}")

@@ -1,0 +1,144 @@
+"""Windows of a long video decoded in one pass: the same frames as decoding each window on its own,
+windows placed by the frames' timestamps, one decoding pass, and captioning as it goes."""
+
+from __future__ import annotations
+
+import json
+from fractions import Fraction
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+
+import pipeline.windows
+from pipeline.video import load_clip, write_video
+from pipeline.windows import frame_times, iter_windows, window_spans
+
+FPS, NUM = 8, 83  # 10.375 s
+
+
+def _frames(num: int, height: int = 48, width: int = 64) -> np.ndarray:
+    """Frames that differ from each other (a level and a moving bright column)."""
+    frames = np.zeros((num, height, width, 3), np.uint8)
+    for i in range(num):
+        frames[i] = (i * 3) % 256
+        frames[i, :, i % width] = 255
+    return frames
+
+
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory):
+    root = tmp_path_factory.mktemp("windows")
+    paths = {}
+    for ext in (".mp4", ".webm", ".avi", ".mkv"):
+        paths[ext] = root / f"long{ext}"
+        write_video(paths[ext], _frames(NUM), fps=FPS)
+    return paths
+
+
+@pytest.mark.parametrize("ext", [".mp4", ".webm", ".avi", ".mkv"])
+@pytest.mark.parametrize("window_s", [0.75, 1.3, 4.0, 60.0])
+def test_one_pass_gives_each_window_the_frames_of_decoding_it_alone(videos, ext, window_s):
+    path = videos[ext]
+    windows = list(iter_windows(path, 4, 32, window_s))
+    assert [(w.start, w.end) for w in windows] == window_spans(NUM / FPS, window_s)
+    assert [(w.index, w.count) for w in windows] == [(k, len(windows)) for k in range(len(windows))]
+    for w in windows:
+        reference = load_clip(path, 4, 32, backend="pyav", start_sec=w.start, end_sec=w.end)
+        assert np.array_equal(w.frames, reference), (w.index, w.start)
+
+
+def _variable_rate_video(path: Path, times_ms: list[int]) -> None:
+    """Frame i is a flat grey of level 10 + 20 i, shown from times_ms[i] (rate given: 25 fps)."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=25)
+        stream.width = stream.height = 32
+        stream.pix_fmt = "yuv420p"
+        stream.codec_context.time_base = stream.time_base = Fraction(1, 1000)
+        for i, ms in enumerate(times_ms):
+            frame = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 10 + 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = ms, Fraction(1, 1000)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+
+
+def test_windows_are_placed_by_the_frames_timestamps_not_index_over_rate(tmp_path):
+    times_ms = [0, 100, 200, 1500, 1600, 3000, 3100, 3200, 3300, 3400]
+    path = tmp_path / "vfr.mkv"
+    _variable_rate_video(path, times_ms)
+    times, duration = frame_times(path)
+    assert np.allclose(times, np.array(times_ms) / 1000) and duration == pytest.approx(3.44)
+    windows = list(iter_windows(path, 2, 8, 1.0))
+    shown = [np.round((w.frames.reshape(2, -1).mean(axis=1) - 10) / 20).astype(int).tolist() for w in windows]
+    # [1, 2): frame 2 is still on screen at 1.0 s, then frames 3 and 4; [2, 3): only frame 4 (1.6-3.0 s)
+    assert shown == [[0, 1], [2, 3], [4, 4], [5, 7]]
+    assert [w.frame_times.tolist() for w in windows][:3] == [[0.0, 0.1], [0.2, 1.5], [1.6, 1.6]]
+
+
+def test_the_file_is_read_the_same_number_of_times_whatever_the_number_of_windows(videos, monkeypatch):
+    opened = []
+    real = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **k: opened.append(a[0]) or real(*a, **k))
+    assert len(list(iter_windows(videos[".mp4"], 4, 32, 0.25))) == 42
+    many = len(opened)
+    opened.clear()
+    assert len(list(iter_windows(videos[".mp4"], 4, 32, 5.0))) == 3
+    # the header checks, one demux pass for the timestamps, one decoding pass: not one per window
+    assert many == len(opened) <= 4
+
+
+def test_a_failure_part_way_raises_after_the_windows_before_it(videos, monkeypatch):
+    from pipeline.errors import VideoDecodeError
+
+    real = pipeline.windows._square_rgb
+    calls = []
+
+    def failing(frame, size, image_size):
+        calls.append(1)
+        if len(calls) > 10:
+            raise VideoDecodeError("long.mp4", "decoding failed near 3.0 s: broken packet")
+        return real(frame, size, image_size)
+
+    monkeypatch.setattr(pipeline.windows, "_square_rgb", failing)
+    got = []
+    with pytest.raises(VideoDecodeError, match="broken packet"):
+        for w in iter_windows(videos[".mp4"], 4, 32, 1.0):
+            got.append(w.index)
+    assert got == [0, 1]
+
+
+def test_windowed_captioning_writes_as_it_goes_and_a_failure_is_one_error(
+    tiny_world, videos, tmp_path, monkeypatch
+):
+    from pipeline.config import config_from_dict
+    from stages.caption import caption_videos
+
+    config = config_from_dict({
+        "model": {"num_frames": 4, "image_size": 32},
+        "caption": {"batch_size": 2, "num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1, "window": 1.5},
+    })  # fmt: skip
+    out = tmp_path / "o.jsonl"
+    summary = caption_videos(
+        [str(videos[".mp4"]), str(videos[".mkv"])], tiny_world["model"], str(out), config
+    )
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["captioned"] == 2 and summary["errors"] == 0 and len(records) == 2 * 7
+    assert [(r["window"], r["start"]) for r in records[:7]] == [(k, 1.5 * k) for k in range(7)]
+
+    real = pipeline.windows._square_rgb
+    calls = []
+
+    def failing(frame, size, image_size):
+        calls.append(1)
+        if len(calls) > 12:  # in the 4th window of the first video
+            raise RuntimeError("decoder fell over")
+        return real(frame, size, image_size)
+
+    monkeypatch.setattr(pipeline.windows, "_square_rgb", failing)
+    out = tmp_path / "failed.jsonl"
+    summary = caption_videos([str(videos[".webm"])], tiny_world["model"], str(out), config)
+    (record,) = [json.loads(line) for line in out.read_text().splitlines()]
+    assert summary["errors"] == 1 and summary["captioned"] == 0 and "decoder fell over" in record["error"]
