@@ -62,10 +62,14 @@ MAX_FAILURES_IN_SUMMARY = 50
 Video = tuple[str, str]  # (video_id, path)
 
 
-def run(config: Config, force: bool = False) -> dict[str, Any]:
-    """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary."""
+def run(config: Config, force: bool = False, retry_failed: bool = False) -> dict[str, Any]:
+    """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary.
+
+    `retry_failed`: attempt the videos the store marks failed again (after fixing their files),
+    even when the stage has finished; the videos done are kept.
+    """
     stage = Stage(config, "extract", force=force)
-    if stage.done:
+    if stage.done and not (retry_failed and _has_failures(config)):
         return stage.summary
     started = time.time()
     videos = manifest_videos(config)
@@ -74,7 +78,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         mode = describe_client(client)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
         store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
-        pending = set(store.pending_ids())
+        pending = set(store.pending_ids(retry_failed=retry_failed))
         todo = [v for v in videos if v[0] in pending]
         skipped = len(store.done_ids())
         stage.log.info("extract: %d videos, %d already done, %d to do; %s, %s %s; store %s", len(videos),
@@ -97,6 +101,11 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         summary["vit_s"], summary["write_s"],
     )  # fmt: skip
     return stage.finish(summary)
+
+
+def _has_failures(config: Config) -> bool:
+    """Whether the finished stage's store marks any video failed."""
+    return config.cache_path.exists() and bool(FeatureStore.open(config.cache_path).failed())
 
 
 def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwrite: bool = False) -> Any:

@@ -32,21 +32,29 @@ def main() -> None:
     """
 
 
-def _stage_command(name: str, summary: str) -> None:
+def _stage_command(name: str, summary: str, retry_failed: bool = False) -> None:
     @main.command(name=name, help=summary)
     @config_options
     @click.option("--force", is_flag=True, help="Redo the stage even if it finished with other settings.")
     @user_errors
-    def command(config_path: str | None, overrides: tuple[str, ...], force: bool) -> None:
+    def command(config_path: str | None, overrides: tuple[str, ...], force: bool, **options: bool) -> None:
         from pipeline.runtime.stage import configure_threads
         from run_pipeline import STAGES
 
         config = cli_config(config_path, overrides)
         configure_threads(config)
-        print_json(STAGES[name](config, force=force))
+        print_json(STAGES[name](config, force=force, **options))
+
+    if retry_failed:
+        help_text = "Attempt the videos the cache marks failed again (fix their files first); keep the rest."
+        click.option("--retry-failed", is_flag=True, help=help_text)(command)
 
 
-_stage_command("extract", "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.")
+_stage_command(
+    "extract",
+    "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.",
+    retry_failed=True,
+)
 _stage_command("train", "Cross-entropy training from the cache (or raw videos); torchrun for several GPUs.")
 _stage_command("scst", "Self-critical sequence training (CIDEr-D reward) from the best CE checkpoint.")
 _stage_command(
