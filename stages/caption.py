@@ -55,10 +55,10 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config
+from pipeline.config import Config, looks_like_local_path
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
-from pipeline.model import EXPORT_FILE, VideoCaptioner, is_export
+from pipeline.model import EXPORT_FILE, VideoCaptioner, export_base, is_export
 from pipeline.runtime.cluster import (
     Tally,
     chunk_size_for,
@@ -200,12 +200,13 @@ def model_identity(model_path: str) -> str:
     (nothing local to hash) is identified by its name."""
     folder = Path(model_path)
     if not folder.is_dir():
+        if looks_like_local_path(model_path):
+            raise ConfigError(f"no such model folder {model_path}")
         return f"hub:{model_path}"
     digest = folder_sha256(folder)
-    if is_export(folder):
-        meta = json.loads((folder / EXPORT_FILE).read_text())
-        if not meta.get("merged"):  # the export holds the trained parts; the rest is its base
-            digest = hashlib.sha256(f"{digest}+{model_identity(meta['pretrained'])}".encode()).hexdigest()
+    base = export_base(folder) if is_export(folder) else None
+    if base is not None:  # the export holds the trained parts; the rest comes from its base
+        digest = hashlib.sha256(f"{digest}+{model_identity(base)}".encode()).hexdigest()
     return digest
 
 

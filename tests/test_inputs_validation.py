@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import stat
+from pathlib import Path
 
 import click
 import pytest
@@ -190,3 +191,46 @@ def test_atomic_writes_respect_the_umask(tmp_path, umask):
         os.umask(old)
     mode = stat.S_IMODE((tmp_path / "a.json").stat().st_mode)
     assert mode == 0o666 & ~umask == stat.S_IMODE((tmp_path / "b.json").stat().st_mode)
+
+
+# ---------------------------------------------------------------------------------------
+# Exports: what they reference, said in one line when it is gone; --merge-lora needs nothing
+# ---------------------------------------------------------------------------------------
+
+
+def test_an_export_whose_base_moved_is_one_clear_error_and_a_merged_one_needs_nothing(tiny_world, tmp_path):
+    import shutil
+
+    from pipeline.app.cli import main
+    from pipeline.config import ModelConfig
+    from pipeline.model import VideoCaptioner
+
+    base = Path(shutil.copytree(tiny_world["model"], tmp_path / "base"))
+    cfg = ModelConfig(pretrained=str(base), num_frames=4, image_size=32)
+    model = VideoCaptioner.from_pretrained(base, cfg, load_vision=True)
+    model.save_trained(tmp_path / "light")
+    model.save_trained(tmp_path / "full", merge_lora=True)
+    base.rename(tmp_path / "moved")
+
+    with pytest.raises(StageError, match=r"needs its base model .*base \(`pretrained` in video_model.json\)"):
+        VideoCaptioner.from_trained(tmp_path / "light")
+    assert VideoCaptioner.from_trained(tmp_path / "full").cfg.num_frames == 4  # self-contained
+
+    args = [
+        "caption",
+        str(tmp_path / "none.mp4"),
+        "--model",
+        str(tmp_path / "light"),
+        "--out",
+        str(tmp_path / "o.jsonl"),
+    ]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 1 and result.output.startswith("vidcap: error: ")
+    assert "--merge-lora" in result.output and "Traceback" not in result.output
+    result = CliRunner().invoke(
+        main, ["caption", "x.mp4", "--model", str(tmp_path / "gone"), "--out", str(tmp_path / "p.jsonl")]
+    )
+    assert (
+        result.exit_code == 1
+        and result.output == f"vidcap: error: no such model folder {tmp_path / 'gone'}\n"
+    )

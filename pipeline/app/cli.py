@@ -114,10 +114,18 @@ def caption(
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--merge-lora", is_flag=True, help="Merge LoRA weights into a full copy of the language model.")
+@click.option(
+    "--merge-lora",
+    is_flag=True,
+    help="Write a full BLIP-2 folder (LoRA merged into the language model) that needs nothing else.",
+)
 @user_errors
 def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
-    """Write a self-contained model folder from a run (best SCST checkpoint, else best CE)."""
+    """Write a model folder from a run (best SCST checkpoint, else best CE).
+
+    It holds the trained weights and settings, and names the base BLIP-2 it loads the rest from
+    (`pretrained` in video_model.json: a hub id, or a local folder that must stay where it is).
+    With --merge-lora it is a full model folder that needs nothing else."""
     from stages.train import export_run
 
     click.echo(str(export_run(run_dir, out_dir, merge_lora=merge_lora)))
