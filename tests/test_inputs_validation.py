@@ -234,3 +234,47 @@ def test_an_export_whose_base_moved_is_one_clear_error_and_a_merged_one_needs_no
         result.exit_code == 1
         and result.output == f"vidcap: error: no such model folder {tmp_path / 'gone'}\n"
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Input files and command arguments: one line naming the file (and line), no traceback
+# ---------------------------------------------------------------------------------------
+
+
+def test_annotations_that_are_not_utf8_name_the_file_and_line(tmp_path):
+    from pipeline.annotations import read_jsonl
+    from pipeline.errors import AnnotationError
+
+    path = tmp_path / "a.jsonl"
+    path.write_bytes(b'{"video_id": "a", "split": "train", "video": "a.mp4"}\n{"video_id": "caf\xe9"}\n')
+    with pytest.raises(AnnotationError, match=r"a.jsonl: line 2: not UTF-8 text \(byte 0xe9"):
+        read_jsonl(path)
+
+
+def test_score_with_malformed_or_undecodable_inputs_is_one_line(tmp_path):
+    from pipeline.app.cli import main
+
+    gts, res = tmp_path / "gts.json", tmp_path / "res.json"
+    gts.write_text(json.dumps({"annotations": [{"image_id": "v", "caption": "a cat"}]}))
+    res.write_text(json.dumps([{"video_id": 1}]))
+    result = CliRunner().invoke(main, ["score", str(gts), str(res), "--impl", "fast"])
+    assert (
+        result.exit_code == 1 and result.output.startswith("vidcap: error: ") and "record 0" in result.output
+    )
+    res.write_bytes(b"\xff\xfe[]")
+    result = CliRunner().invoke(main, ["score", str(gts), str(res), "--impl", "fast"])
+    assert (
+        result.exit_code == 1 and "not UTF-8 text" in result.output and len(result.output.splitlines()) == 1
+    )
+
+
+def test_bad_command_arguments_are_refused_by_the_command_line(tmp_path):
+    from pipeline.app.cli import MODEL_PRESETS, main
+    from pipeline.demo.testmodels import PRESETS
+
+    assert tuple(MODEL_PRESETS) == tuple(PRESETS)
+    result = CliRunner().invoke(main, ["synth", str(tmp_path / "w"), "--videos", "0"])
+    assert result.exit_code == 2 and "0 is not in the range x>=1" in result.output
+    result = CliRunner().invoke(main, ["init-model", str(tmp_path / "m"), "--preset", "bogus"])
+    assert result.exit_code == 2 and "'bogus' is not one of 'tiny-t5'" in result.output
+    assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()

@@ -16,6 +16,9 @@ import click
 
 from pipeline.runtime.commandline import cli_config, config_options, print_json, user_errors
 
+# `pipeline.demo.testmodels.PRESETS` (a test keeps them in step; importing it would import torch)
+MODEL_PRESETS = ("tiny-t5", "tiny-opt", "vitg-flan-t5-xl", "vitg-opt-2.7b")
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vidcap")
@@ -137,7 +140,8 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
     "--preset",
     default="tiny-t5",
     show_default=True,
-    help="tiny-t5, tiny-opt, vitg-flan-t5-xl, vitg-opt-2.7b.",
+    type=click.Choice(MODEL_PRESETS),
+    help="Tiny random models for tests and the demo; full-size shapes (random weights) for benchmarks.",
 )
 @click.option(
     "--vocab-from",
@@ -155,7 +159,9 @@ def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> 
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--videos", default=120, show_default=True, help="Number of videos.")
+@click.option(
+    "--videos", default=120, show_default=True, type=click.IntRange(min=1), help="Number of videos."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the world.")
 @user_errors
 def synth(out_dir: str, videos: int, seed: int) -> None:

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import DiskFullError
+from pipeline.errors import AnnotationError, DiskFullError
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -95,3 +95,16 @@ def disk_full_names(path: str | Path) -> Iterator[None]:
         if e.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         raise DiskFullError(e.filename or path, free_bytes(e.filename or path)) from e
+
+
+def read_text_file(path: str | Path) -> str:
+    """A UTF-8 text file's content; bytes that are not UTF-8 are an `AnnotationError` naming the
+    file, the line and the byte (a bare `UnicodeDecodeError` names neither)."""
+    data = Path(path).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise AnnotationError(
+            f"{path}: line {line}: not UTF-8 text (byte {data[e.start]:#04x} at offset {e.start}); save it as UTF-8"
+        ) from None
