@@ -72,6 +72,7 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
+from pipeline.runtime.files import disk_full_names
 from pipeline.runtime.hashing import folder_sha256
 from pipeline.runtime.records import (
     drop_error_records,
@@ -303,9 +304,10 @@ def caption_task(
             captions = _caption_batch(model, batch.pixels(), device, config, result) if batch.clips else []
             records = batch.records(captions, base)
             started = time.perf_counter()
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
+            with disk_full_names(part):
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                f.flush()
+                os.fsync(f.fileno())
             result["write_s"] += time.perf_counter() - started
             # a video is finished by its error record or its last window (windows span batches)
             failed = {r["video"] for r in records if "error" in r}

@@ -278,3 +278,49 @@ def test_bad_command_arguments_are_refused_by_the_command_line(tmp_path):
     result = CliRunner().invoke(main, ["init-model", str(tmp_path / "m"), "--preset", "bogus"])
     assert result.exit_code == 2 and "'bogus' is not one of 'tiny-t5'" in result.output
     assert not (tmp_path / "w").exists() and not (tmp_path / "m").exists()
+
+
+def test_torch_and_safetensors_disk_full_errors_are_recognised(tmp_path, monkeypatch):
+    from pipeline.runtime.files import disk_full_names
+
+    torch_error = RuntimeError(
+        "[enforce fail] PytorchStreamWriter failed writing file data/0: file write failed"
+    )
+    monkeypatch.setattr(pipeline.runtime.files, "free_bytes", lambda path: 4096)
+    with (
+        pytest.raises(DiskFullError, match=r"state.pt \(4.1 KB free there\)"),
+        disk_full_names(tmp_path / "state.pt"),
+    ):
+        raise torch_error
+    with (
+        pytest.raises(DiskFullError, match="trainable.safetensors"),
+        disk_full_names(tmp_path / "trainable.safetensors"),
+    ):
+        raise Exception('IoError(Os { code: 28, kind: StorageFull, message: "No space left on device" })')
+    monkeypatch.setattr(pipeline.runtime.files, "free_bytes", lambda path: 10 << 30)
+    with pytest.raises(RuntimeError, match="file write failed"), disk_full_names(tmp_path / "state.pt"):
+        raise torch_error  # with room left it is something else
+
+
+def test_a_full_disk_while_captioning_names_the_file_and_a_rerun_finishes(tiny_world, tmp_path, monkeypatch):
+    import stages.caption
+    from stages.caption import caption_videos
+
+    videos = [str(p) for p in sorted(Path(tiny_world["videos"]).glob("*.mp4"))[:2]]
+    config = config_from_dict({
+        "model": {"num_frames": 4, "image_size": 32},
+        "caption": {"batch_size": 1, "num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1},
+    })  # fmt: skip
+    out = tmp_path / "o.jsonl"
+    real_fsync = os.fsync
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stages.caption.os, "fsync", full)
+    with pytest.raises(DiskFullError, match=r"o.jsonl.parts/.*\.jsonl \("):
+        caption_videos(videos, tiny_world["model"], str(out), config)
+    monkeypatch.setattr(stages.caption.os, "fsync", real_fsync)
+    summary = caption_videos(videos, tiny_world["model"], str(out), config)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["video"] for r in records) == sorted(videos) and summary["errors"] == 0

@@ -88,13 +88,32 @@ def free_bytes(path: str | Path) -> int | None:
 
 @contextlib.contextmanager
 def disk_full_names(path: str | Path) -> Iterator[None]:
-    """Turn ENOSPC (and EDQUOT) raised while writing `path` into a `DiskFullError` naming it."""
+    """Turn a full disk met while writing `path` into a `DiskFullError` naming it and the free space.
+
+    Python's writes raise OSError ENOSPC (or EDQUOT: quota); torch.save and safetensors raise their
+    own errors, recognised by their text ("No space left", "StorageFull", or torch's "file write
+    failed" with under 16 MB free).
+    """
     try:
         yield
-    except OSError as e:
-        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+    except DiskFullError:
+        raise
+    except Exception as e:
+        where = getattr(e, "filename", None) or path
+        free = free_bytes(where)
+        if not is_disk_full(e, free):
             raise
-        raise DiskFullError(e.filename or path, free_bytes(e.filename or path)) from e
+        raise DiskFullError(where, free) from e
+
+
+def is_disk_full(error: BaseException, free: int | None) -> bool:
+    """Whether `error` says the disk (or quota) is full; see `disk_full_names`."""
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    text = str(error)
+    if "No space left on device" in text or "StorageFull" in text:
+        return True
+    return "file write failed" in text and free is not None and free < 16 << 20
 
 
 def read_text_file(path: str | Path) -> str:

@@ -87,7 +87,7 @@ def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
     new.sort(key=lambda r: (rank.get(r["video"], len(rank)), r.get("start") or 0.0))
     if new:
         _cut_torn_tail(out)
-        with out.open("a", encoding="utf-8") as f:
+        with disk_full_names(out), out.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
             f.flush()
             os.fsync(f.fileno())
