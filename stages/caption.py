@@ -435,7 +435,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
             view=0,
             backend=config.decode.backend,
             threads=config.decode.threads,
-        )  # (T, S, S, 3) fmt: skip
+        )  # (T, S, S, 3)
         clip = _Clip(item, normalize_frames(frames))
     except Exception as e:
         clip = _error_clip(item, e)
@@ -454,11 +454,7 @@ def _windowed_clips(items: list[VideoInput], settings: dict[str, int], config: C
             for w in windows:
                 yield _Clip(item, normalize_frames(w.frames), start=w.start, end=w.end, window=w.index,
                             windows=w.count)  # fmt: skip
-                if (
-                    time.perf_counter() - last_report > PROGRESS_EVERY_S
-                    or w.index == w.count - 1
-                    and w.count > 1
-                ):
+                if time.perf_counter() - last_report > PROGRESS_EVERY_S:  # a long video says how far it got
                     last_report = time.perf_counter()
                     log.info("caption: %s: window %d/%d (%.0f s of video) after %.1f s", item.video,
                              w.index + 1, w.count, w.end, last_report - started)  # fmt: skip

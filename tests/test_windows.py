@@ -113,6 +113,7 @@ def test_a_failure_part_way_raises_after_the_windows_before_it(videos, monkeypat
 def test_windowed_captioning_writes_as_it_goes_and_a_failure_is_one_error(
     tiny_world, videos, tmp_path, monkeypatch
 ):
+    import stages.caption
     from pipeline.config import config_from_dict
     from stages.caption import caption_videos
 
@@ -121,12 +122,15 @@ def test_windowed_captioning_writes_as_it_goes_and_a_failure_is_one_error(
         "caption": {"batch_size": 2, "num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1, "window": 1.5},
     })  # fmt: skip
     out = tmp_path / "o.jsonl"
+    monkeypatch.setattr(stages.caption, "PROGRESS_EVERY_S", 0.0)  # report after every window
     summary = caption_videos(
         [str(videos[".mp4"]), str(videos[".mkv"])], tiny_world["model"], str(out), config
     )
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["captioned"] == 2 and summary["errors"] == 0 and len(records) == 2 * 7
     assert [(r["window"], r["start"]) for r in records[:7]] == [(k, 1.5 * k) for k in range(7)]
+    log = (tmp_path / "o.jsonl.log").read_text()
+    assert f"{videos['.mp4']}: window 3/7 (4 s of video)" in log and f"{videos['.mkv']}: window 7/7" in log
 
     real = pipeline.windows._square_rgb
     calls = []
