@@ -23,7 +23,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
 
@@ -183,15 +183,29 @@ class ExtractConfig:
 
 
 @dataclass
-class TrainConfig:
-    source: str = "cache"
-    """Where frame tokens come from: `cache` (the Zarr store) or `video` (decode + ViT per step)."""
+class OptimArgs:
+    """How long and how a training stage optimises: one schema for `train` (CE) and `scst`.
+
+    The data plan of an epoch is every training video once (`captions: sample`) or every
+    (video, caption) pair (`all`); `max_steps` turns the epochs into an iteration budget.
+    """
+
+    SECTION: ClassVar[str] = "train"
+
     epochs: int = 5
-    """Passes over the training videos."""
+    """Passes over the training data, when `max_steps` is 0."""
+    max_steps: int = 0
+    """Optimiser steps in all (an iteration budget; the schedule follows it); 0: `epochs` decide."""
+    val_every: int = 0
+    """Validate and keep the best every N optimiser steps (an "inner epoch"); 0: after each epoch."""
+    captions: str = "sample"
+    """`sample`: one random reference per video per epoch; `all`: every (video, caption) pair."""
     batch_size: int = 8
-    """Global batch per optimiser step (divided across DDP ranks, times accumulation)."""
+    """Global batch per optimiser step: examples over all processes and accumulated micro-batches."""
+    gpu_batch: int = 0
+    """Examples per process per micro-step; accumulation = batch_size / (processes x gpu_batch). 0: use grad_accum."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimiser step."""
+    """Micro-batches accumulated per optimiser step, when `gpu_batch` is 0."""
     lr: float = 5e-5
     """Peak learning rate (after warmup)."""
     min_lr: float = 1e-5
@@ -201,62 +215,105 @@ class TrainConfig:
     warmup_steps: int = 1000
     """Linear warmup steps."""
     weight_decay: float = 0.05
-    """AdamW weight decay (not applied to biases, norms and embeddings)."""
-    temporal_lr_scale: float = 1.0
-    """Learning-rate multiplier of the temporal embeddings (new, zero-initialised; SCST uses it too)."""
+    """AdamW weight decay, on every trainable parameter of 2 or more dimensions except `no_decay`."""
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed", "query_tokens"])
+    """Parameter-name fragments exempt from weight decay (LAVIS: `[bias, norm]`)."""
     grad_clip: float = 1.0
     """Max gradient norm (0: off)."""
-    captions: str = "sample"
-    """`sample`: one random reference per video per epoch; `all`: every (video, caption) pair."""
     checkpoint_every: int = 200
-    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
+    """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+
+    def key(self, name: str) -> str:
+        """The dotted config key of field `name`, for messages."""
+        return f"{self.SECTION}.{name}"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_positive(self.key("batch_size"), self.batch_size)
+        _check_positive(self.key("grad_accum"), self.grad_accum)
+        for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{self.key(name)} must be >= 0, got {getattr(self, name)}")
+        if self.gpu_batch and self.grad_accum != 1:
+            raise ConfigError(
+                f"set {self.key('gpu_batch')} or {self.key('grad_accum')}, not both: "
+                "the accumulation follows from the global batch, the per-process batch and the processes"
+            )
+        if self.gpu_batch and self.batch_size % self.gpu_batch:
+            raise ConfigError(
+                f"{self.key('batch_size')} ({self.batch_size}) must be a multiple of "
+                f"{self.key('gpu_batch')} ({self.gpu_batch})"
+            )
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"{self.key('batch_size')} ({self.batch_size}) must be divisible by "
+                f"{self.key('grad_accum')} ({self.grad_accum})"
+            )
+        if self.max_steps == 0:
+            _check_positive(f"{self.key('epochs')} (with {self.key('max_steps')} 0)", self.epochs)
+        _check_learning_rates(self.SECTION, self.lr, self.min_lr)
+        _check_at_least(self.key("warmup_lr"), self.warmup_lr, 0.0)
+        _check_at_least(self.key("weight_decay"), self.weight_decay, 0.0)
+        _check_at_least(self.key("grad_clip"), self.grad_clip, 0.0)
+        _check_positive(self.key("checkpoint_every"), self.checkpoint_every)
+        _check_positive(self.key("log_every"), self.log_every)
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(examples per process per micro-step, micro-steps per optimiser step) on `world_size` processes.
+
+        An error naming the keys when the global batch does not split evenly.
+        """
+        if self.gpu_batch:
+            per_step = world_size * self.gpu_batch
+            if self.batch_size % per_step:
+                raise ConfigError(
+                    f"{self.key('batch_size')} ({self.batch_size}) must be {self.key('gpu_batch')} "
+                    f"({self.gpu_batch}) x processes ({world_size}) x an accumulation: "
+                    f"{self.batch_size} / {per_step} is not whole; change one of them"
+                )
+            return self.gpu_batch, self.batch_size // per_step
+        parts = world_size * self.grad_accum
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"{self.key('batch_size')} ({self.batch_size}) must be divisible by the number of processes "
+                f"WORLD_SIZE ({world_size}) x {self.key('grad_accum')} ({self.grad_accum})"
+            )
+        return self.batch_size // parts, self.grad_accum
+
+
+@dataclass
+class TrainConfig(OptimArgs):
+    source: str = "cache"
+    """Where frame tokens come from: `cache` (the Zarr store) or `video` (decode + ViT per step)."""
+    temporal_lr_scale: float = 1.0
+    """Learning-rate multiplier of the temporal embeddings (new, zero-initialised; SCST uses it too)."""
     val_max_videos: int = 0
     """Validate on at most N videos of the validation split (0: all)."""
     num_workers: int = 2
     """Data loader workers reading the cache (0: main process)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_choice("train.source", self.source, ("cache", "video"))
-        _check_choice("train.captions", self.captions, ("sample", "all"))
-        _check_positive("train.batch_size", self.batch_size)
-        _check_positive("train.grad_accum", self.grad_accum)
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
-            )
-        _check_positive("train.epochs", self.epochs)
-        _check_learning_rates("train", self.lr, self.min_lr)
-        _check_at_least("train.warmup_lr", self.warmup_lr, 0.0)
-        _check_at_least("train.warmup_steps", self.warmup_steps, 0)
-        _check_at_least("train.weight_decay", self.weight_decay, 0.0)
         _check_at_least("train.temporal_lr_scale", self.temporal_lr_scale, 0.0)
-        _check_at_least("train.grad_clip", self.grad_clip, 0.0)
-        _check_positive("train.checkpoint_every", self.checkpoint_every)
-        _check_positive("train.log_every", self.log_every)
         _check_at_least("train.val_max_videos", self.val_max_videos, 0)
         _check_at_least("train.num_workers", self.num_workers, 0)
 
 
 @dataclass
-class ScstConfig:
+class ScstConfig(OptimArgs):
+    SECTION: ClassVar[str] = "scst"
+
+    # SCST's own defaults for the shared fields (their help is `OptimArgs`'s)
     epochs: int = 1
-    """Passes over the training videos, when `max_steps` is 0."""
     max_steps: int = 20000
-    """Optimiser steps (the paper: 20k iterations); 0: `epochs` decide."""
     batch_size: int = 16
-    """Videos per optimiser step (global)."""
     lr: float = 1e-5
-    """Peak learning rate."""
     min_lr: float = 1e-6
-    """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 0
-    """Linear warmup steps."""
-    weight_decay: float = 0.05
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Max gradient norm (0: off)."""
+
     samples: int = 5
     """Sampled captions per video (k)."""
     baseline: str = "greedy"
@@ -269,31 +326,17 @@ class ScstConfig:
     """Nucleus sampling threshold (1.0: off); like top_k, not applied to the gradient."""
     max_new_tokens: int = 32
     """Length limit of sampled captions (at least `eval.min_new_tokens`, as in evaluation)."""
-    checkpoint_every: int = 200
-    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
-    log_every: int = 10
-    """Log metrics every N optimiser steps."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_choice("scst.baseline", self.baseline, ("greedy", "mean"))
         _check_positive("scst.samples", self.samples)
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("scst.baseline=mean needs scst.samples >= 2")
-        _check_at_least("scst.max_steps", self.max_steps, 0)
-        if self.max_steps == 0:
-            _check_positive("scst.epochs (scst.max_steps is 0)", self.epochs)
-        _check_at_least("scst.epochs", self.epochs, 0)
-        _check_positive("scst.batch_size", self.batch_size)
-        _check_learning_rates("scst", self.lr, self.min_lr)
-        _check_at_least("scst.warmup_steps", self.warmup_steps, 0)
-        _check_at_least("scst.weight_decay", self.weight_decay, 0.0)
-        _check_at_least("scst.grad_clip", self.grad_clip, 0.0)
         _check_range("scst.temperature", self.temperature, 0.0, None, low_inclusive=False)
         _check_at_least("scst.top_k", self.top_k, 0)
         _check_range("scst.top_p", self.top_p, 0.0, 1.0, low_inclusive=False)
         _check_positive("scst.max_new_tokens", self.max_new_tokens)
-        _check_positive("scst.checkpoint_every", self.checkpoint_every)
-        _check_positive("scst.log_every", self.log_every)
 
 
 @dataclass
@@ -398,6 +441,41 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
 
+    def with_absolute_paths(self) -> Config:
+        """This config with every file path absolute against the current directory, and a local
+        model folder absolute (a hub id stays as written).
+
+        What stages send to Dask workers: a worker started in another directory would resolve a
+        relative path against its own, and take a relative model folder for a hub id.
+        """
+        replace = dataclasses.replace
+        data = self.data
+        return replace(
+            self,
+            run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
+            data=replace(
+                data, annotations=absolute_path(data.annotations), video_root=absolute_path(data.video_root)
+            ),
+            model=replace(self.model, pretrained=model_location(self.model.pretrained)),
+            cache=replace(self.cache, path=absolute_path(self.cache.path)),
+            caption=replace(
+                self.caption,
+                inputs=[absolute_path(i) for i in self.caption.inputs],
+                model=model_location(self.caption.model),
+                out=absolute_path(self.caption.out),
+            ),
+        )
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the current directory (`~` expanded); "" stays ""."""
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
+def model_location(name: str) -> str:
+    """A model folder that exists here, as an absolute path; anything else (a hub id, "") as given."""
+    return absolute_path(name) if name and Path(name).expanduser().exists() else name
+
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
 DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -439,13 +517,17 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "cache.train_views",
         "train.source",
         "train.epochs",
+        "train.max_steps",
+        "train.val_every",
         "train.batch_size",
+        "train.gpu_batch",
         "train.grad_accum",
         "train.lr",
         "train.min_lr",
         "train.warmup_lr",
         "train.warmup_steps",
         "train.weight_decay",
+        "train.no_decay",
         "train.temporal_lr_scale",
         "train.grad_clip",
         "train.captions",
@@ -753,11 +835,11 @@ def _field_docs(cls: type) -> dict[str, str]:
     import ast  # deferred with inspect: only `config-reference` reads the schema's source
     import inspect
 
-    tree = ast.parse(inspect.getsource(cls).lstrip())
-    body = tree.body[0].body
     docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
-            docs[node.target.id] = following.value.value.strip().splitlines()[0]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a base's help first
+        body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
+        for node, following in zip(body, body[1:], strict=False):
+            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
+                docs[node.target.id] = following.value.value.strip().splitlines()[0]
     return docs

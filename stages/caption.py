@@ -55,7 +55,7 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config, looks_like_local_path
+from pipeline.config import Config, absolute_path, looks_like_local_path, model_location
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
 from pipeline.model import EXPORT_FILE, VideoCaptioner, export_base, is_export
@@ -68,6 +68,7 @@ from pipeline.runtime.cluster import (
     on_every_worker,
     prefetch_map,
     progress_counter,
+    require_shared_paths,
     run_chunks,
     split_chunks,
     worker_cached,
@@ -115,7 +116,8 @@ def caption_videos(
     error records are dropped from OUT first; the new records go at its end).
     """
     started = time.time()
-    out = Path(out_path)
+    config = config.with_absolute_paths()  # what the workers get, wherever they were started
+    model_path, out = model_location(model_path), Path(absolute_path(out_path))
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
     log = stage_logger("caption", out.with_name(out.name + ".log"))
@@ -140,6 +142,13 @@ def caption_videos(
                      len(items), len(items) - len(todo), out, len(todo), mode, model_path)  # fmt: skip
             totals = _Totals(videos=len(items), skipped=len(items) - len(todo))
             if not nothing_to_do:
+                local_model = model_path if os.path.isabs(model_path) else ""  # else a hub id
+                shared = {
+                    "model folder": local_model,
+                    "output folder": str(out.parent),
+                    "video": todo[0].video,
+                }
+                require_shared_paths(client, shared, log)
                 on_every_worker(client, load_captioner, model_path, config)  # load before the clock starts
             totals.started = time.time()
             workers = len(client.nthreads()) if client is not None else 0

@@ -27,6 +27,7 @@ status per video.
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -48,6 +49,7 @@ from pipeline.runtime.cluster import (
     prefetch_map,
     progress_counter,
     release_cached,
+    require_shared_paths,
     run_chunks,
     split_chunks,
     worker_cached,
@@ -72,12 +74,17 @@ def run(config: Config, force: bool = False, retry_failed: bool = False) -> dict
     if stage.done and not (retry_failed and _has_failures(config)):
         return stage.summary
     started = time.time()
+    config = config.with_absolute_paths()  # what the workers get, wherever they were started
     videos = manifest_videos(config)
     ex = config.extract
     with dask_client(ex.workers, ex.scheduler) as client:
         mode = describe_client(client)
+        first_video = os.path.dirname(videos[0][1]) if videos else ""
+        shared = {"model folder": _local(config.model.pretrained), "video folder": first_video}
+        require_shared_paths(client, shared, stage.log)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
         store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
+        require_shared_paths(client, {"feature store": str(store.path)}, stage.log)
         pending = set(store.pending_ids(retry_failed=retry_failed))
         todo = [v for v in videos if v[0] in pending]
         skipped = len(store.done_ids())
@@ -106,6 +113,11 @@ def run(config: Config, force: bool = False, retry_failed: bool = False) -> dict
 def _has_failures(config: Config) -> bool:
     """Whether the finished stage's store marks any video failed."""
     return config.cache_path.exists() and bool(FeatureStore.open(config.cache_path).failed())
+
+
+def _local(model: str) -> str:
+    """The model's folder if it is one here (workers must see it too), else "" (a hub id)."""
+    return model if os.path.isabs(model) else ""
 
 
 def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwrite: bool = False) -> Any:

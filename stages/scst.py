@@ -148,7 +148,9 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         )
     torch.manual_seed(config.run.seed)
     model = VideoCaptioner.from_trained(start, device=env.device, load_vision=config.train.source == "video")
-    job = build_job(config, model, stage, env, LoopSettings.from_scst(config), start_is_candidate=True)
+    job = build_job(
+        config, model, stage, env, LoopSettings.from_config(config, "scst"), start_is_candidate=True
+    )
     manifest = load_manifest(config.data)
     scorer = training_scorer(manifest.references(config.data.train_split), stage.dir / DF_FILE, env)
     s = config.scst

@@ -52,9 +52,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     model = VideoCaptioner.from_pretrained(
         config.model.pretrained, config.model, load_vision=config.train.source == "video", device=env.device
     )
-    job = build_job(
-        config, model, stage, env, LoopSettings.from_train(config), captions=config.train.captions
-    )
+    job = build_job(config, model, stage, env, LoopSettings.from_config(config, "train"))
     stage.log.info(
         "train: %d videos (%d examples per epoch, %d steps per epoch), %d validation videos, "
         "source %s, llm %s, %d trainable parameters, %d process(es) on %s",

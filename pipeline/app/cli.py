@@ -239,6 +239,24 @@ def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
 
 @main.command()
 @config_options
+@click.option("--gpus", default=8, show_default=True, help="Processes the stages will run on (torchrun's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON, for scripts.")
+@user_errors
+def plan(config_path: str | None, overrides: tuple[str, ...], gpus: int, as_json: bool) -> None:
+    """Print each training stage's effective recipe (examples, steps, batch split, LR, frames, precision,
+    trainable parameters, generation) before anything runs."""
+    from pipeline.plan import format_plan, plan_config
+
+    config = cli_config(config_path, overrides)
+    plans = plan_config(config, gpus)
+    if as_json:
+        print_json({"config": config.source, "gpus": gpus, "stages": [p.to_dict() for p in plans]})
+    else:
+        click.echo(format_plan(plans, config.source), nl=False)
+
+
+@main.command()
+@config_options
 @click.option(
     "--qformer-epochs",
     default=0,
