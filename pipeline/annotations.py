@@ -84,6 +84,16 @@ class Manifest:
             raise AnnotationError(f"{self.source}: no split {name!r}; splits are {self.splits()}")
         return [r for r in self.records if r.split == name]
 
+    def captioned_split(self, name: str) -> list[VideoRecord]:
+        """`split(name)`, which must hold at least one non-empty caption (to train on or score against)."""
+        records = self.split(name)
+        if not any(caption.strip() for r in records for caption in r.captions):
+            raise AnnotationError(
+                f"{self.source}: split {name!r} has no non-empty caption in its {len(records)} videos; "
+                "nothing to train on or score against"
+            )
+        return records
+
     def get(self, video_id: str) -> VideoRecord:
         try:
             return self.records[self._index[video_id]]

@@ -467,7 +467,7 @@ def build_job(
 
     source_kind = config.train.source
     manifest = load_manifest(config.data)
-    train_records = manifest.split(config.data.train_split)
+    train_records = manifest.captioned_split(config.data.train_split)
     val_records = manifest.split(config.data.val_split)
     source = make_source(config, model, train_records + val_records, source_kind)
     available = set(source.available([r.video_id for r in train_records + val_records]))

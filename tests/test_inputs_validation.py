@@ -325,3 +325,22 @@ def test_a_full_disk_while_captioning_names_the_file_and_a_rerun_finishes(tiny_w
     summary = caption_videos(videos, tiny_world["model"], str(out), config)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert sorted(r["video"] for r in records) == sorted(videos) and summary["errors"] == 0
+
+
+def test_a_split_without_any_caption_is_refused_naming_it(tmp_path):
+    from pipeline.annotations import read_jsonl
+    from pipeline.errors import AnnotationError
+
+    path = tmp_path / "a.jsonl"
+    rows = [
+        {"video_id": "a", "split": "train", "captions": ["", "  "]},
+        {"video_id": "b", "split": "train", "captions": []},
+        {"video_id": "c", "split": "val", "captions": ["a cat"]},
+    ]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    manifest = read_jsonl(path)
+    with pytest.raises(
+        AnnotationError, match=r"a.jsonl: split 'train' has no non-empty caption in its 2 videos"
+    ):
+        manifest.captioned_split("train")
+    assert [r.video_id for r in manifest.captioned_split("val")] == ["c"]
