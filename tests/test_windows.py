@@ -146,3 +146,36 @@ def test_windowed_captioning_writes_as_it_goes_and_a_failure_is_one_error(
     summary = caption_videos([str(videos[".webm"])], tiny_world["model"], str(out), config)
     (record,) = [json.loads(line) for line in out.read_text().splitlines()]
     assert summary["errors"] == 1 and summary["captioned"] == 0 and "decoder fell over" in record["error"]
+
+
+def test_memory_holds_a_few_batches_of_windows_however_long_the_video(
+    tiny_world, videos, tmp_path, monkeypatch
+):
+    import stages.caption
+    from pipeline.config import config_from_dict
+    from stages.caption import caption_videos
+
+    decoded, captioned, waiting = [], [], []  # windows decoded; per model call: captioned, waiting
+    real_windows, real_caption = pipeline.windows.iter_windows, stages.caption._caption_batch
+
+    def counting_windows(*args, **kwargs):
+        for window in real_windows(*args, **kwargs):
+            decoded.append(window.index)
+            yield window
+
+    def captioning(model, pixels, *args):
+        waiting.append(len(decoded) - sum(captioned))  # decoded and not yet captioned
+        captioned.append(pixels.shape[0])
+        return real_caption(model, pixels, *args)
+
+    monkeypatch.setattr(stages.caption, "iter_windows", counting_windows)
+    monkeypatch.setattr(stages.caption, "_caption_batch", captioning)
+    config = config_from_dict({
+        "model": {"num_frames": 2, "image_size": 16},
+        "caption": {"batch_size": 2, "decode_workers": 1, "num_beams": 1, "max_new_tokens": 2, "min_new_tokens": 1,
+                    "window": 0.25},
+    })  # fmt: skip
+    summary = caption_videos([str(videos[".mp4"])], tiny_world["model"], str(tmp_path / "o.jsonl"), config)
+    assert summary["captioned"] == 1 and len(decoded) == 42
+    assert captioned == [2] * 21  # captioned batch by batch as the windows come
+    assert max(waiting) <= 2 * 2 + 1 + 2 + 1  # prefetched (2 batches + decode_workers) + one batch, not 42
