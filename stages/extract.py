@@ -54,6 +54,7 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
+from pipeline.runtime.files import disk_full_names
 from pipeline.runtime.stage import Stage, StageError, resolve_device
 from pipeline.sampling import VIEW_SCHEME, normalize_frames
 from pipeline.video import VideoDecodeError, load_clip
@@ -269,7 +270,8 @@ def extract_videos(
 def _write_batch(store: Any, ids: list[str], tokens: Any, timers: dict[str, float]) -> list[str]:
     started = time.perf_counter()
     for b, video_id in enumerate(ids):
-        store.write_video(video_id, tokens[b].numpy())  # (V, T, L, D) float16
+        with disk_full_names(store.path):  # one line naming the store and its free space
+            store.write_video(video_id, tokens[b].numpy())  # (V, T, L, D) float16
     timers["write_s"] += time.perf_counter() - started
     return list(ids)
 

@@ -65,3 +65,32 @@ def test_the_cli_takes_retry_failed(tiny_world, tmp_path):
     result = CliRunner().invoke(main, ["extract", "--config", str(config_file), "--retry-failed"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["done"] == 1 and FeatureStore.open(config.cache_path).failed() == {}
+
+
+def test_a_full_disk_during_extract_names_the_store_and_a_rerun_finishes(tiny_world, tmp_path, monkeypatch):
+    import errno
+
+    import pytest
+
+    from pipeline.errors import DiskFullError
+    from stages.extract import run
+
+    annotations, late = _world_with_a_late_video(tiny_world, tmp_path)
+    shutil.copy(next(Path(tiny_world["videos"]).glob("*.mp4")), late)
+    config = _config(tiny_world, tmp_path, annotations)
+    real, written = FeatureStore.write_video, []
+
+    def fills_up(store, video_id, tokens):
+        if len(written) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(store, video_id, tokens)
+        written.append(video_id)
+
+    monkeypatch.setattr(FeatureStore, "write_video", fills_up)
+    with pytest.raises(DiskFullError, match=rf"{config.cache_path} \(.* free there\)"):
+        run(config)
+    monkeypatch.setattr(FeatureStore, "write_video", real)
+    assert FeatureStore.open(config.cache_path).done_ids() == set(written)  # what was written is kept
+    summary = run(config)
+    store = FeatureStore.open(config.cache_path)
+    assert summary["done"] == 2 and store.done_ids() == set(store.video_ids) and store.failed() == {}
