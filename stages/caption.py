@@ -17,6 +17,9 @@ Each video becomes one JSON line in OUT, which says how its caption was made:
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
+The video is decoded once, front to back (`pipeline/windows.py`), and its windows are captioned
+and written batch by batch as they come, so a long video holds a few batches in memory; a
+video that fails part-way gets one `error` record, which stands for all its windows.
 Re-running into an OUT written with another model (other files, wherever they lie), frames,
 image size, beams, caption lengths or window is refused, with the differences listed.
 `--retry-errors` attempts the videos with an `error` record again and keeps the rest.
