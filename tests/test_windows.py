@@ -179,3 +179,20 @@ def test_memory_holds_a_few_batches_of_windows_however_long_the_video(
     assert summary["captioned"] == 1 and len(decoded) == 42
     assert captioned == [2] * 21  # captioned batch by batch as the windows come
     assert max(waiting) <= 2 * 2 + 1 + 2 + 1  # prefetched (2 batches + decode_workers) + one batch, not 42
+
+
+def test_the_benchmark_runs_and_prints_seconds_per_video_minute():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    args = [sys.executable, str(root / "benchmarks/bench_windows.py"), "--minutes", "0.1", "0.2",
+            "--seek-minutes", "0.1", "--window", "2", "--image-size", "32", "--size", "64x48"]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, timeout=300, cwd=root)
+    assert out.returncode == 0, out.stderr
+    rows = [line.split() for line in out.stdout.splitlines()[2:]]
+    assert [(r[0], r[1], r[-4]) for r in rows] == [
+        ("0.1", "3", "pass"),
+        ("0.1", "3", "window"),
+        ("0.2", "6", "pass"),
+    ]
