@@ -48,6 +48,8 @@ class RunConfig:
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
     demo_videos: int = 600
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
+    demo_unlabelled: float = 0.0
+    """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
@@ -60,16 +62,77 @@ class RunConfig:
         if not self.output_dir:
             raise ConfigError("run.output_dir must not be empty")
         for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+            if stage not in STAGES + STAGE_INSTANCES:
+                choices = ", ".join(STAGES + STAGE_INSTANCES)
+                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {choices}")
+
+
+@dataclass
+class CaptionFilterConfig:
+    """Which pseudo-labels of a `captions_jsonl` training set to keep (`pipeline.annotations`)."""
+
+    score: str = "confidence"
+    """Record field to rank by: `confidence` (geometric-mean token probability) or `beam_agreement`."""
+    min_confidence: float = 0.0
+    """Keep captions whose score is at least this (0: no threshold)."""
+    top_fraction: float = 1.0
+    """Then keep this fraction of the highest-scoring captions (1: all)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("filter.score", self.score, ("confidence", "beam_agreement"))
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(f"filter.top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
+@dataclass
+class TrainSetConfig:
+    """One training set of a mixture (`data.train_sets`; `pipeline/mixture.py`)."""
+
+    name: str = ""
+    """Short name; training examples are routed to this set's cache by it."""
+    ratio: float = 1.0
+    """Sampling weight: each global batch comes from one set, drawn with probability ratio / sum."""
+    annotations: str = ""
+    """Annotation file or folder (empty: the `data` section's own training split and cache)."""
+    format: str = "jsonl"
+    """Annotation format: as `data.format`, or `captions_jsonl` (what `vidcap caption` writes)."""
+    video_root: str = ""
+    """Folder that relative video paths are resolved against."""
+    video_ext: str = ".mp4"
+    """Extension appended to bare video ids."""
+    split: str = "train"
+    """Split of the annotations to train on (`captions_jsonl` records are all `train`)."""
+    cache: str = ""
+    """Zarr store of this set (empty: `<run.output_dir>/extract_sets/<name>/features.zarr`)."""
+    pool: list[str] = field(default_factory=list)
+    """Unlabelled videos the `pseudo_caption` stage captions into this set's annotations."""
+    filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
+    """Which pseudo-labels to keep (`captions_jsonl` only)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train set name must be non-empty and without '/', got {self.name!r}")
+        if not self.ratio > 0:
+            raise ConfigError(f"train set {self.name!r}: ratio must be > 0, got {self.ratio}")
+        _check_choice(f"train set {self.name!r} format", self.format, DATA_FORMATS)
+        if self.pool and (self.format != "captions_jsonl" or not self.annotations):
+            raise ConfigError(
+                f"train set {self.name!r}: a pool is captioned into `annotations` (set it) "
+                "in format captions_jsonl"
+            )
+
+
+DATA_FORMATS = ("jsonl", "lavis", "msrvtt", "msvd", "vatex", "captions_jsonl")
 
 
 @dataclass
 class DataConfig:
     format: str = "jsonl"
-    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd` or `vatex`."""
-    annotations: str = ""
-    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd`, `vatex` or `captions_jsonl` (`vidcap caption`'s output)."""
+    annotations: str | list[str] = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`; msrvtt, vatex: their files); msrvtt, vatex: also a list of files."""
+    annotations_split: str = ""
+    """Split of a single vatex annotation file whose name does not say it (`train`, `val`, `test`); empty: from the name."""
     video_root: str = ""
     """Folder that relative video paths are resolved against."""
     video_ext: str = ".mp4"
@@ -82,21 +145,37 @@ class DataConfig:
     """Name of the split `eval` scores."""
     max_videos: int = 0
     """Keep only the first N videos of each split (0: all); for smoke tests."""
+    train_sets: list[TrainSetConfig] = field(default_factory=list)
+    """Train on a mixture: sets `{name, ratio, annotations, format, cache, pool, filter}` (README, Pseudo-labelling)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+        _check_choice("data.format", self.format, DATA_FORMATS)
+        if isinstance(self.annotations, list):
+            if not all(isinstance(p, str) and p for p in self.annotations):
+                raise ConfigError(
+                    f"data.annotations must be a path or a list of paths, got {self.annotations!r}"
+                )
+            if len(self.annotations) == 1:
+                self.annotations = self.annotations[0]
+        elif not isinstance(self.annotations, str):
+            raise ConfigError(f"data.annotations must be a path or a list of paths, got {self.annotations!r}")
+        names = [s.name for s in self.train_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.train_sets: names must be unique, got {names}")
+        if sum(1 for s in self.train_sets if s.pool) > 1:
+            raise ConfigError("data.train_sets: at most one set may have a pool to pseudo-label")
         _check_at_least("data.max_videos", self.max_videos, 0)
 
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
         _check_at_least("decode.threads", self.threads, 0)
 
 
@@ -106,8 +185,8 @@ class ModelConfig:
     """BLIP-2 to start from: a Hugging Face hub id or a local folder."""
     num_frames: int = 8
     """Frames sampled per video (T)."""
-    image_size: int = 224
-    """Side of the square frames fed to the ViT."""
+    image_size: int = 0
+    """Side of the square frames fed to the ViT (0: the checkpoint's own, 224 for BLIP-2; larger interpolates positions)."""
     fusion: str = "concat"
     """How frame tokens reach the Q-Former: `concat` (T*L tokens) or `mean` (average over T)."""
     temporal_embeddings: bool = False
@@ -122,19 +201,31 @@ class ModelConfig:
     """LoRA dropout."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Module names LoRA wraps (T5: `q`, `v`; OPT: `q_proj`, `v_proj`)."""
-    prompt: str = "a video of"
-    """Text prompt given to the language model."""
+    prompt: str | None = None
+    """Text prompt given to the language model (unset: the seed's, "a video of" for T5, "" for OPT and Vicuna)."""
+    qformer_text_input: bool = False
+    """InstructBLIP only: the Q-Former also reads the prompt's tokens (the seed: false)."""
     max_caption_tokens: int = 32
     """Caption length limit in tokens for training targets."""
     dtype: str = "auto"
     """Compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."""
+    vit: str = "frozen"
+    """ViT training: `frozen` (what the feature cache stores) or `full` (paper Fig. 2a; needs `train.source: video`)."""
+    vit_lr_scale: float = 1.0
+    """Learning-rate multiplier of the ViT when `vit: full`."""
+    vit_grad_checkpointing: bool = True
+    """Recompute the trained ViT's activations in the backward pass (LAVIS `use_grad_checkpoint`): far less memory."""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("concat", "mean"))
         _check_choice("model.llm", self.llm, ("frozen", "lora", "full"))
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("model.vit", self.vit, ("frozen", "full"))
         _check_positive("model.num_frames", self.num_frames)
-        _check_positive("model.image_size", self.image_size)
+        if self.image_size < 0:
+            raise ConfigError(
+                f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
+            )
         _check_positive("model.max_caption_tokens", self.max_caption_tokens)
         _check_positive("model.lora_r", self.lora_r)
         _check_positive("model.lora_alpha", self.lora_alpha)
@@ -224,6 +315,8 @@ class OptimArgs:
     """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+    select: str = "cider"
+    """Best checkpoint by `cider` (greedy CIDEr-D on val; cheap) or `beam_cider_bleu4` (eval's beams, CIDEr-D + BLEU-4: LAVIS)."""
 
     def key(self, name: str) -> str:
         """The dotted config key of field `name`, for messages."""
@@ -231,6 +324,7 @@ class OptimArgs:
 
     def __post_init__(self) -> None:
         _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_choice(self.key("select"), self.select, ("cider", "beam_cider_bleu4"))
         _check_positive(self.key("batch_size"), self.batch_size)
         _check_positive(self.key("grad_accum"), self.grad_accum)
         for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
@@ -293,6 +387,10 @@ class TrainConfig(OptimArgs):
     """Validate on at most N videos of the validation split (0: all)."""
     num_workers: int = 2
     """Data loader workers reading the cache (0: main process)."""
+    allow_no_validation: bool = False
+    """Train although no validation video is available (then `best/` is simply the last epoch's model)."""
+    allow_partial_cache: bool = False
+    """Train although videos of the train or validation split are still pending in the cache (not yet extracted)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -353,8 +451,8 @@ class EvalConfig:
     """Beam width."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the seed's min_length=5 as LAVIS counts it: T5 4, OPT/Vicuna 5)."""
     metrics: list[str] = field(default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"])
     """coco-caption metrics to compute (`SPICE` too where it can run)."""
 
@@ -382,8 +480,8 @@ class CaptionConfig:
     """Beam width (1: greedy)."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the flavour's seed rule, as `eval.min_new_tokens`)."""
     workers: int = 0
     """Local Dask workers (0: in this process)."""
     scheduler: str = ""
@@ -419,9 +517,19 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+    stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
 
     def __post_init__(self) -> None:
-        if self.scst.max_new_tokens < self.eval.min_new_tokens:
+        # The feature cache holds a frozen ViT's tokens: a trained ViT must see the frames.
+        if self.model.vit != "frozen":
+            for key, value in (("train.source", self.train.source), ("eval.source", self.eval.source)):
+                if value == "cache":
+                    raise ConfigError(
+                        f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
+                        f"frozen ViT from the feature cache; set {key}: video"
+                    )
+        if self.eval.min_new_tokens is not None and self.scst.max_new_tokens < self.eval.min_new_tokens:
             raise ConfigError(
                 f"scst.max_new_tokens ({self.scst.max_new_tokens}) must be at least "
                 f"eval.min_new_tokens ({self.eval.min_new_tokens})"
@@ -436,7 +544,7 @@ class Config:
         return Path(self.cache.path) if self.cache.path else self.output_dir / "extract" / "features.zarr"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.output_dir / stage
+        return self.output_dir / self.stage_folders.get(stage, stage)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
@@ -454,7 +562,7 @@ class Config:
             self,
             run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
             data=replace(
-                data, annotations=absolute_path(data.annotations), video_root=absolute_path(data.video_root)
+                data, annotations=absolute_paths(data.annotations), video_root=absolute_path(data.video_root)
             ),
             model=replace(self.model, pretrained=model_location(self.model.pretrained)),
             cache=replace(self.cache, path=absolute_path(self.cache.path)),
@@ -470,6 +578,11 @@ class Config:
 def absolute_path(path: str) -> str:
     """`path` made absolute against the current directory (`~` expanded); "" stays ""."""
     return str(Path(path).expanduser().absolute()) if path else path
+
+
+def absolute_paths(paths: str | list[str]) -> str | list[str]:
+    """`absolute_path` of one path or of each of a list."""
+    return [absolute_path(p) for p in paths] if isinstance(paths, list) else absolute_path(paths)
 
 
 def model_location(name: str) -> str:
@@ -489,6 +602,9 @@ CODEC_LEVELS: dict[str, tuple[int | None, int | None]] = {
     "lz4": (None, None),
     "none": (None, None),
 }
+# Named instances of those stages on a derived config, for the pseudo-labelling loop
+# (`run_pipeline.py`, `pipeline/mixture.py`): each writes its own folder and DONE.json.
+STAGE_INSTANCES = ("train_labelled", "pseudo_caption", "extract_sets")
 
 # Settings that change each stage's outputs. A stage's fingerprint also folds in the
 # fingerprints of the stages it reads from, so retraining invalidates evaluation.
@@ -496,6 +612,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
         "data.format",
         "data.annotations",
+        "data.annotations_split",
         "data.video_root",
         "data.video_ext",
         "data.max_videos",
@@ -532,7 +649,9 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
-        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "train.select",
+        "eval.num_beams",  # validation with `train.select: beam_cider_bleu4` uses eval's beams
+        "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
     ),
@@ -557,9 +676,10 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
-# The stages that read the annotations, and the formats whose annotations are a folder.
+# The stages that read the annotations; the formats whose annotations are a folder, or a file.
 READS_ANNOTATIONS = ("extract", "train", "scst", "eval")
 FOLDER_FORMATS = ("lavis", "msvd")
+FILE_FORMATS = ("jsonl", "captions_jsonl")
 
 
 def check_stage_inputs(config: Config, stage: str) -> None:
@@ -569,16 +689,18 @@ def check_stage_inputs(config: Config, stage: str) -> None:
     paths a command needs (`vidcap caption` reads no annotations; `prepare: demo` writes them).
     """
     data = config.data
-    if stage in READS_ANNOTATIONS and data.annotations:
-        path = Path(data.annotations)
-        want_folder = data.format in FOLDER_FORMATS
+    given = [data.annotations] if isinstance(data.annotations, str) else list(data.annotations)
+    for name in given if stage in READS_ANNOTATIONS else []:
+        path = Path(name).expanduser()
+        if not name:
+            continue
         if not path.exists():
-            raise ConfigError(
-                f"{config.source}: data.annotations: no such {'folder' if want_folder else 'file'} {path}"
-            )
-        if path.is_dir() != want_folder:
+            raise ConfigError(f"{config.source}: data.annotations: no such file or folder {path}")
+        if (data.format in FOLDER_FORMATS and not path.is_dir()) or (
+            data.format in FILE_FORMATS and path.is_dir()
+        ):
             kind = "a folder" if path.is_dir() else "a file"
-            need = "a folder of cap_{train,val,test}.json" if want_folder else "a file"
+            need = "a folder of cap_{train,val,test}.json" if data.format in FOLDER_FORMATS else "a file"
             raise ConfigError(
                 f"{config.source}: data.annotations={path} is {kind}; data.format={data.format} needs {need}"
             )
@@ -609,7 +731,7 @@ def _yaml() -> Any:
 
 
 def _sections() -> tuple[dataclasses.Field, ...]:
-    return tuple(f for f in dataclasses.fields(Config) if f.name != "source")
+    return tuple(f for f in dataclasses.fields(Config) if f.name not in ("source", "stage_folders"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -679,6 +801,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
+        if dataclasses.is_dataclass(item) and isinstance(value, list):
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -686,6 +810,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return [_coerce(v, item, key, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         return value
+    if dataclasses.is_dataclass(hint):  # a nested mapping: data.train_sets[i], its filter
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build_section(hint, key, value, source)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -772,9 +902,13 @@ def _check_learning_rates(section: str, lr: float, min_lr: float) -> None:
         raise ConfigError(f"{section}.min_lr ({min_lr}) must not exceed {section}.lr ({lr})")
 
 
-def _check_decoding(section: str, num_beams: int, min_new_tokens: int, max_new_tokens: int) -> None:
+def _check_decoding(section: str, num_beams: int, min_new_tokens: int | None, max_new_tokens: int) -> None:
     _check_positive(f"{section}.num_beams", num_beams)
     _check_positive(f"{section}.max_new_tokens", max_new_tokens)
+    if min_new_tokens is None:  # unset: the model flavour's rule decides
+        return
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
+        raise ConfigError(f"{section}.min_new_tokens must be an integer (or unset), got {min_new_tokens!r}")
     _check_at_least(f"{section}.min_new_tokens", min_new_tokens, 0)
     if min_new_tokens > max_new_tokens:
         raise ConfigError(
@@ -799,7 +933,19 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
             settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
+    if stage == "train":  # the mixture's annotations are read by content (pseudo-labels get rewritten)
+        for train_set in config.data.train_sets:
+            if train_set.annotations and Path(train_set.annotations).is_file():
+                settings[f"<{train_set.name} annotations>"] = _file_digest(Path(train_set.annotations))
     return settings
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def stage_fingerprint(config: Config, stage: str) -> str:

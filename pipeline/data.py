@@ -31,6 +31,7 @@ import torch
 
 from cache.store import FeatureStore, StoreError
 from pipeline.annotations import VideoRecord
+from pipeline.features import check_store_fingerprint
 from pipeline.sampling import normalize_frames
 from pipeline.text import clean_caption
 from pipeline.video import VideoDecodeError, load_clip
@@ -159,7 +160,7 @@ class VideoSource:
         self.reader = ClipReader(
             {r.video_id: r.path for r in records},
             model_cfg.num_frames,
-            model_cfg.image_size,
+            model.image_size,  # model.image_size 0 resolved: the checkpoint's own
             seed,
             decode_cfg.backend,
             decode_cfg.threads,
@@ -168,8 +169,8 @@ class VideoSource:
     def available(self, video_ids: Sequence[str]) -> list[str]:
         return [v for v in video_ids if v in self.reader.paths]
 
-    @torch.no_grad()
     def encode(self, loaded: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        # No gradient unless the model trains its ViT (`model.vit: full`, in train mode).
         return self.model.encode_frames(loaded.to(device, non_blocking=True)).float()  # (B, T, L, D)
 
     def frame_tokens(
@@ -193,7 +194,7 @@ def make_source(
             num_views=1 + config.cache.train_views,
         )
 
-    store = FeatureStore.open(config.cache_path)  # its fingerprint was checked by `extract`
+    store = FeatureStore.open(config.cache_path)
     _, views, frames, length, width = store.shape
     expected = {"frames": config.model.num_frames, "views": 1 + config.cache.train_views}
     if model is not None:
@@ -205,6 +206,9 @@ def make_source(
             f"the feature cache {config.cache_path} does not match this config (model.num_frames, "
             f"cache.train_views, model.image_size, model.pretrained):\n  " + "\n  ".join(wrong)
         )
+    # The tokens must be this model's ViT's, with these frames and sampling, as `extract` checks.
+    pretrained = model.pretrained if model is not None else config.model.pretrained
+    check_store_fingerprint(store, config, pretrained, model.cfg if model is not None else config.model)
     return CacheSource(store)
 
 

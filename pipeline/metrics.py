@@ -296,7 +296,7 @@ def score_files(
     gts, res = load_references(gts_path), load_results(res_path)
     missing = [v for v in res if v not in gts]
     if missing:
-        raise ValueError(
+        raise AnnotationError(
             f"{res_path}: {len(missing)} result ids have no references in {gts_path}: {missing[:10]}"
             + (" ..." if len(missing) > 10 else "")
         )

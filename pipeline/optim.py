@@ -63,8 +63,8 @@ def param_groups(
     No decay on any 1-d parameter, nor on names containing one of `no_decay_names` (by default
     biases, norms, embeddings and the query tokens: learned inputs, not weights of a linear map;
     LAVIS decays all but biases and norms). `lr_scales` maps a name fragment to a
-    learning-rate multiplier: matching parameters get a group of their own (no decay) with
-    an `lr_scale` key that `build_optimizer` turns into the group's learning rate.
+    learning-rate multiplier: matching parameters get groups of their own (decayed by the same
+    rule) with an `lr_scale` key that `build_optimizer` turns into the groups' learning rate.
     """
     lr_scales = {k: v for k, v in (lr_scales or {}).items() if v != 1.0}
     decay, no_decay = [], []
@@ -79,16 +79,24 @@ def param_groups(
         skip = p.ndim < 2 or any(k in name.lower() for k in no_decay_names)
         (no_decay if skip else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    groups += [
-        {"params": ps, "weight_decay": 0.0, "lr_scale": lr_scales[k]} for k, ps in scaled.items() if ps
-    ]
+    for key, params in scaled.items():  # weights decay in their own scaled group too (a trained ViT's)
+        named = {id(p): n for n, p in model.named_parameters()}
+        split = {True: [], False: []}
+        for p in params:
+            split[p.ndim >= 2 and not any(k in named[id(p)].lower() for k in no_decay_names)].append(p)
+        groups += [
+            {"params": ps, "weight_decay": weight_decay if decays else 0.0, "lr_scale": lr_scales[key]}
+            for decays, ps in split.items()
+            if ps
+        ]
     return groups
 
 
 def build_optimizer(model: torch.nn.Module, settings: LoopSettings, total_steps: int) -> tuple[Any, Any]:
+    scales = {"temporal_embeddings": settings.temporal_lr_scale, **getattr(model, "lr_scales", {})}
     groups = param_groups(
-        model, settings.weight_decay, {"temporal_embeddings": settings.temporal_lr_scale}, settings.no_decay
-    )
+        model, settings.weight_decay, scales, settings.no_decay
+    )  # model.lr_scales: a trained ViT's
     for group in groups:
         group["lr"] = settings.lr * group.pop("lr_scale", 1.0)  # LambdaLR scales every group alike
     fused = {"fused": True} if next(model.parameters()).is_cuda else {}

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pipeline.config import Config, ConfigError, OptimArgs
 from pipeline.errors import AnnotationError
+from pipeline.flavours import FLAVOURS, flavour_of
 from pipeline.schedule import WarmupCosine
 
 # Training split of each dataset format as published: (videos, (video, caption) pairs).
@@ -62,8 +64,10 @@ class StagePlan:
     views: str
     precision: dict[str, str]
     trainable: dict[str, int] | str
-    prompt: str
+    prompt: str | None  # None: the flavour's seed prompt, unknown without the model's config.json
     generation: dict[str, Any] = field(default_factory=dict)
+    mixture: str = ""
+    """`data.train_sets` of a CE stage: each set's share of the batches (`pipeline/mixture.py`)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -89,6 +93,10 @@ def _stage_plan(
     videos, pairs, source = counts["videos"], counts["pairs"], counts["from"]
     examples = None if videos is None else (pairs if args.captions == "all" else videos)
     steps_per_epoch = -(-examples // args.batch_size) if examples else None
+    mixture = _mixture(config) if stage == "train" and config.data.train_sets else ""
+    if mixture and steps_per_epoch and not config.data.train_sets[0].annotations:
+        share = config.data.train_sets[0].ratio / sum(s.ratio for s in config.data.train_sets)
+        steps_per_epoch = math.ceil(steps_per_epoch / share)  # as `MixturePlan`
     total = args.max_steps or (steps_per_epoch * args.epochs if steps_per_epoch else None)
     try:
         gpu_batch, accumulation, batch_error = *args.accumulation(gpus), ""
@@ -124,9 +132,22 @@ def _stage_plan(
         views=_views(config),
         precision=precision(config),
         trainable=trainable,
-        prompt=config.model.prompt,
+        prompt=_seed_default(config, "seed_prompt") if config.model.prompt is None else config.model.prompt,
         generation=_generation(config, stage),
+        mixture=mixture,
     )
+
+
+def _mixture(config: Config) -> str:
+    """One global batch per step from one set, drawn with probability ratio / sum (as LAVIS)."""
+    total = sum(s.ratio for s in config.data.train_sets)
+    parts = []
+    for s in config.data.train_sets:
+        what = f"{s.format} {s.annotations}" if s.annotations else "the data section's training split"
+        if s.format == "captions_jsonl" and (s.filter.min_confidence > 0 or s.filter.top_fraction < 1):
+            what += f"; {s.filter.score} >= {s.filter.min_confidence}, top {100 * s.filter.top_fraction:g}%"
+        parts.append(f"{s.name} {100 * s.ratio / total:.1f}% of the steps ({what})")
+    return "; ".join(parts) + "; an epoch sees the first set once in expectation"
 
 
 def _train_counts(config: Config) -> dict[str, Any]:
@@ -163,16 +184,40 @@ def precision(config: Config) -> dict[str, str]:
     """Compute precision of each module on a GPU (`model.dtype`); CPU runs are fp32 throughout."""
     if config.model.dtype == "float32":
         return dict.fromkeys(("vit", "qformer", "llm"), "fp32")
-    vit = "bf16" if config.train.source == "video" else "bf16 at extract (training reads the fp16 cache)"
+    # pipeline.vision's rule: fp32 weights, LayerNorms and residual stream; matmuls in bf16 autocast
+    vit = "fp32 weights, bf16 autocast"
+    if config.model.vit == "full":
+        vit += " (trained)"
+    elif config.train.source != "video":
+        vit += " at extract (training reads the fp16 cache)"
     llm = "fp32 weights, bf16 autocast" if config.model.llm == "full" else "bf16 (frozen)"
     if config.model.llm == "lora":
         llm = "bf16 (frozen), LoRA fp32 weights, bf16 autocast"
-    return {"vit": vit, "qformer": "fp32 weights, bf16 autocast", "llm": llm}
+    return {"vit": vit, "qformer": "fp32 (no autocast), query tokens fp32", "llm": llm}
+
+
+def _seed_default(config: Config, field_name: str) -> Any:
+    """A `pipeline.flavours.Flavour` default (`seed_prompt`, `seed_min_new_tokens`) of the model's
+    language model when its config.json is here; None when the flavour cannot be known offline."""
+    config_file = _model_config_file(config.model.pretrained)
+    if config_file is None:
+        return None
+    text_type = json.loads(config_file.read_text()).get("text_config", {}).get("model_type", "")
+    return getattr(FLAVOURS[text_type], field_name) if text_type in FLAVOURS else None
+
+
+def _min_new_tokens(config: Config) -> int | None:
+    """`eval.min_new_tokens`, or when unset the flavour's seed rule (T5 4, OPT/Vicuna 5)."""
+    if config.eval.min_new_tokens is not None:
+        return config.eval.min_new_tokens
+    return _seed_default(config, "seed_min_new_tokens")
 
 
 def _generation(config: Config, stage: str) -> dict[str, Any]:
-    lengths = {"max_new_tokens": config.eval.max_new_tokens, "min_new_tokens": config.eval.min_new_tokens}
-    generation: dict[str, Any] = {"validation": {"num_beams": 1, **lengths}}
+    lengths = {"max_new_tokens": config.eval.max_new_tokens, "min_new_tokens": _min_new_tokens(config)}
+    select = getattr(config, stage).select
+    beams = config.eval.num_beams if select == "beam_cider_bleu4" else 1
+    generation: dict[str, Any] = {"validation": {"num_beams": beams, "select": select, **lengths}}
     generation["eval"] = {"num_beams": config.eval.num_beams, **lengths}
     if stage == "scst":
         s = config.scst
@@ -181,7 +226,7 @@ def _generation(config: Config, stage: str) -> dict[str, Any]:
             "baseline": s.baseline,
             "temperature": s.temperature,
             "max_new_tokens": s.max_new_tokens,
-            "min_new_tokens": config.eval.min_new_tokens,
+            "min_new_tokens": lengths["min_new_tokens"],
         }
     return generation
 
@@ -194,16 +239,20 @@ def trainable_parameters(config: Config) -> dict[str, int] | str:
             f"unknown (no config.json of {config.model.pretrained} here: not a folder, not in the HF cache)"
         )
     import torch  # deferred: building the module tree needs torch and transformers
-    from transformers import Blip2Config, Blip2ForConditionalGeneration
 
-    blip_config = Blip2Config.from_pretrained(str(config_file.parent))
+    from pipeline.vision import architecture
+
+    arch = architecture(config_file.parent)  # BLIP-2 or InstructBLIP
+    blip_config = arch.config.from_pretrained(str(config_file.parent))
     with torch.device("meta"):  # shapes only: nothing is allocated or initialised
-        blip = Blip2ForConditionalGeneration(blip_config)
+        blip = arch.model(blip_config)
     counts = {
         "qformer": _numel(blip.qformer),
         "query_tokens": blip.query_tokens.numel(),
         "language_projection": _numel(blip.language_projection),
     }
+    if config.model.vit == "full":
+        counts["vision_model"] = _numel(blip.vision_model)
     if config.model.temporal_embeddings:
         counts["temporal_embeddings"] = config.model.num_frames * blip_config.vision_config.hidden_size
     if config.model.llm == "full":
@@ -236,9 +285,7 @@ def _numel(module: Any) -> int:
 
 def _lora_parameters(blip: Any, config: Config) -> int:
     """r x (in + out) for each wrapped linear map (the names as `model.lora_target_modules`)."""
-    aliases = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}  # T5 names -> OPT names
-    if not blip.config.use_decoder_only_language_model:
-        aliases = {v: k for k, v in aliases.items()}
+    aliases = flavour_of(blip.config.text_config.model_type).lora_names
     targets = {aliases.get(t, t) for t in config.model.lora_target_modules}
     linears = [
         m
@@ -285,8 +332,15 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
         else ", ".join(f"{k} {v:,}" for k, v in p.trainable.items())
     )
     gen = p.generation
-    lengths = f"{gen['eval']['min_new_tokens']}..{gen['eval']['max_new_tokens']} new tokens"
-    generation = f"prompt {p.prompt!r}; validation greedy, eval {gen['eval']['num_beams']} beams; {lengths}"
+    low = gen["eval"]["min_new_tokens"]
+    low = "the seed's minimum (T5 4, OPT/Vicuna 5)" if low is None else low
+    lengths = f"{low}..{gen['eval']['max_new_tokens']} new tokens"
+    val = gen["validation"]
+    best_by = "CIDEr-D + BLEU-4" if val["select"] == "beam_cider_bleu4" else "CIDEr-D"
+    generation = (
+        f"prompt {p.prompt!r}; validation {val['num_beams']} beam(s), best by {best_by}; "
+        f"eval {gen['eval']['num_beams']} beams; {lengths}"
+    )
     if "samples" in gen:
         s = gen["samples"]
         generation += f"; SCST {s['k']} samples, {s['baseline']} baseline, up to {s['max_new_tokens']} tokens"
@@ -305,8 +359,12 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
             f"AdamW, weight decay {p.weight_decay} (not on {', '.join(p.no_decay) or 'nothing'}, nor 1-d); "
             f"gradient clipping {p.grad_clip or 'off'}",
         ),
-        ("frames", f"{p.frames} at {p.image_size} px; {p.views}"),
+        (
+            "frames",
+            f"{p.frames} at {f'{p.image_size} px' if p.image_size else 'the checkpoint image size'}; {p.views}",
+        ),
         ("precision", "; ".join(f"{k} {v}" for k, v in p.precision.items()) + " (on GPU; fp32 on CPU)"),
         ("trainable", trainable),
         ("generation", generation),
+        *([("mixture", p.mixture)] if p.mixture else []),
     ]

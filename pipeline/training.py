@@ -15,12 +15,11 @@ so CE and SCST differ only in that function. Everything else is shared, once:
 * Checkpoints (`pipeline.checkpoints`) every `checkpoint_every` steps and at each validation.
   A re-run resumes from the latest, also in the middle of an epoch, and, on CPU, reproduces the
   uninterrupted run bit for bit (the data plan is a function of (seed, epoch), RNG states are restored).
-* Validation at the start and every `val_every` steps (an "inner epoch"), else after each epoch:
-  greedy captions for the validation videos, scored with CIDEr-D (document frequencies of the
-  validation references, like coco-caption). Greedy and not the beam search of `eval`: several
-  times cheaper, and it ranks checkpoints the same way in practice; `eval` reports the beam-search
-  numbers. The best model is kept in `<stage>/best/` in `VideoCaptioner.save_trained` format,
-  with `best/val_score.json`.
+* Validation at the start and every `val_every` steps (an "inner epoch"), else after each epoch,
+  scored against the validation references (document frequencies of those references, like
+  coco-caption). `select: cider`: greedy captions, CIDEr-D (cheap); `beam_cider_bleu4`: `eval`'s
+  beam search, CIDEr-D + BLEU-4 (LAVIS's choice). The best model is kept in `<stage>/best/` in
+  `VideoCaptioner.save_trained` format, with its scores in `best/val_score.json`.
 * Logs (`pipeline.runtime.runlog`): `metrics.jsonl`, TensorBoard events when tensorboard is
   installed, and `curves.png`.
 """
@@ -38,9 +37,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pycocoevalcap.bleu.bleu import Bleu
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.annotations import load_manifest
+from cache.store import FeatureStore, StoreError
+from pipeline.annotations import load_manifest, require_references
 from pipeline.checkpoints import (
     LoopState,
     check_checkpoint_plan,
@@ -88,7 +89,10 @@ class Validation:
     """Raw reference captions per video (tokenised with `simple_tokenize` for scoring)."""
     batch_size: int = 16
     max_new_tokens: int = 32
-    min_new_tokens: int = 5
+    min_new_tokens: int | None = None  # None: the model flavour's seed rule
+    num_beams: int = 1
+    select: str = "cider"
+    """`cider`: CIDEr-D; `beam_cider_bleu4`: CIDEr-D + BLEU-4 (LAVIS's `agg_metrics`), with `num_beams`."""
 
 
 @torch.no_grad()
@@ -107,9 +111,14 @@ def generate_captions(
     return captions
 
 
-def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[float, dict[str, str]]:
-    """Greedy captions of the validation videos (sharded over ranks) and their CIDEr-D (rank 0's)."""
+def validate(
+    model: Any, source: Any, val: Validation, env: DistEnv
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Captions of the validation videos (sharded over ranks) and their scores (rank 0's, shared).
 
+    Scores: `val_cider` (CIDEr-D), with `select: beam_cider_bleu4` also `val_bleu4`, and `val_score`,
+    the number the best checkpoint is chosen by.
+    """
     was_training = model.training
     model.eval()
     mine = generate_captions(
@@ -118,7 +127,7 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
         val.video_ids[env.rank :: env.world_size],
         val.batch_size,
         env.device,
-        num_beams=1,
+        num_beams=val.num_beams,
         max_new_tokens=val.max_new_tokens,
         min_new_tokens=val.min_new_tokens,
     )
@@ -126,12 +135,16 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
     predictions: dict[str, str] = {}
     for part in gather(env, mine):
         predictions.update(part)
-    score = 0.0
+    scores = {"val_cider": 0.0}
     if env.master_process and predictions:
         gts = {v: [simple_tokenize(c) for c in val.references[v]] for v in predictions}
         res = {v: [simple_tokenize(c)] for v, c in predictions.items()}
-        score, _ = CiderD().compute_score(gts, res)  # parity mode: df of these references, as coco-caption
-    return float(broadcast(env, score)), predictions
+        scores["val_cider"] = float(CiderD().compute_score(gts, res)[0])  # df of these references, as coco
+        if val.select == "beam_cider_bleu4":
+            scores["val_bleu4"] = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    scores = broadcast(env, scores)
+    scores["val_score"] = scores["val_cider"] + scores.get("val_bleu4", 0.0)
+    return scores, predictions
 
 
 # ---------------------------------------------------------------------------------------
@@ -183,24 +196,15 @@ def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
         disable=not job.env.master_process,
     ):
         loop.optimizer_step(step)
-        validate_now = (
-            loop.state.global_step % loop.val_every == 0 or loop.state.global_step == loop.total_steps
-        )
-        checkpoint_now = validate_now or loop.state.global_step % job.settings.checkpoint_every == 0
-        if loop.state.global_step % job.settings.log_every == 0 or checkpoint_now:
+        done = loop.state.global_step
+        validate_now = done % loop.val_every == 0 or done == loop.total_steps
+        checkpoint_now = validate_now or done % job.settings.checkpoint_every == 0
+        if done % job.settings.log_every == 0 or checkpoint_now:
             loop.log_window(step)
         if validate_now:
-            loop.validate_and_keep_best(math.ceil(loop.state.global_step / loop.val_every), trained=True)
+            loop.validate_and_keep_best(math.ceil(done / loop.val_every), trained=True)
         if checkpoint_now:
-            save_checkpoint(
-                job.stage_dir,
-                model,
-                loop.optimizer,
-                loop.scheduler,
-                loop.state,
-                job.env,
-                loop.checkpoint_meta,
-            )
+            loop.save_checkpoint()
     model.eval()
     loop.metrics.close()
     barrier(job.env)
@@ -216,7 +220,7 @@ class _Loop:
 
     def __init__(self, model: Any, objective: Objective, job: Job):
         self.model, self.job, self.env, self.settings, self.plan = model, job, job.env, job.settings, job.plan
-        micro_batch, self.grad_accum = self.settings.accumulation(self.env.world_size)
+        _, self.grad_accum = self.settings.accumulation(self.env.world_size)  # an error names the keys
         self.sharding = Sharding(
             self.settings.batch_size, self.env.world_size, self.env.rank, self.grad_accum
         )
@@ -249,10 +253,8 @@ class _Loop:
             self.job.log.info(
                 "resuming from %s (step %d of %d)", resumed, self.state.global_step, self.total_steps
             )
-        else:
-            seed_everything(
-                self.settings.seed + self.env.rank
-            )  # independent of what building the model consumed
+        else:  # a seed independent of what building the model consumed
+            seed_everything(self.settings.seed + self.env.rank)
         first = self.state.global_step if resumed else None
         self.metrics = MetricsLog(self.job.stage_dir, self.env.master_process, first)
 
@@ -310,23 +312,26 @@ class _Loop:
     def validate_and_keep_best(self, round_: int, trained: bool) -> None:
         """Validate, keep the best in `best/`, log, plot; round 0 is the starting model."""
         state, started = self.state, time.time()
-        cider, predictions = validate(self.model, self.job.source, self.job.validation, self.env)
-        state.last_cider = cider
+        scores, predictions = validate(self.model, self.job.source, self.job.validation, self.env)
+        cider = state.last_cider = scores["val_cider"]
         if round_ == 0:
             state.start_cider = cider
-        improved = (trained or self.job.start_is_candidate) and cider > state.best_cider
+        # Without validation videos (train.allow_no_validation) the latest trained round is kept.
+        unranked = trained and not self.job.validation.video_ids
+        improved = (trained or self.job.start_is_candidate) and (scores["val_score"] > state.best_score or unranked)
         if improved:
-            state.best_cider, state.best_epoch, state.best_step = cider, round_, state.global_step
-            self._save_best({"val_cider": cider, "epoch": round_, "step": state.global_step})
+            state.best_cider, state.best_score = cider, scores["val_score"]
+            state.best_epoch, state.best_step = round_, state.global_step
+            self._save_best({**scores, "epoch": round_, "step": state.global_step})
         train_loss = state.epoch_loss_sum / state.epoch_loss_steps if state.epoch_loss_steps else None
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-        state.history.append({"epoch": round_, "step": state.global_step, "val_cider": cider})
+        state.history.append({"epoch": round_, "step": state.global_step, **scores})
         self.metrics.write(
             {
                 "kind": "epoch",
                 "epoch": round_,
                 "step": state.global_step,
-                "val_cider": cider,
+                **scores,
                 "train_loss": train_loss,
                 "best": improved,
                 "val_seconds": round(time.time() - started, 2),
@@ -345,6 +350,11 @@ class _Loop:
         )
         self.metrics.plot()
 
+    def save_checkpoint(self) -> None:
+        """Every rank calls it (their RNG states are gathered); rank 0 writes."""
+        args = (self.optimizer, self.scheduler, self.state, self.env, self.checkpoint_meta)
+        save_checkpoint(self.job.stage_dir, self.model, *args)
+
     def _save_best(self, score: dict[str, Any]) -> None:
         if self.env.master_process:
             replace_dir(
@@ -356,6 +366,7 @@ class _Loop:
         state, steps_per_epoch = self.state, self.plan.steps_per_epoch
         return {
             "best_val_cider": state.best_cider,
+            "select": self.settings.select,
             "best_epoch": state.best_epoch,
             "best_step": state.best_step,
             "start_val_cider": state.start_cider,
@@ -436,7 +447,7 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
     stage, error = None, None
     if env.master_process:
         try:
-            stage = Stage(config, name, force=force, fresh_on_force=True)
+            stage = Stage(config, name, force=force, extra_inputs=_cache_state(config, name))
         except StageError as e:
             error = str(e)
     error, done, summary = broadcast(
@@ -445,6 +456,24 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
     if error:
         raise StageError(error)
     return stage if stage is not None else _FollowerStage(config, name, env, done, summary)
+
+
+def _cache_state(config: Any, name: str) -> dict[str, Any]:
+    """What `train` read from the cache: finishing an extraction afterwards makes it stale."""
+    if name != "train" or config.train.source != "cache" or not config.cache_path.exists():
+        return {}
+    try:
+        store = FeatureStore.open(config.cache_path)
+        done, failed = store.done_ids(), set(store.failed())
+    except StoreError:
+        return {}  # make_source says what is wrong with it
+    manifest = load_manifest(config.data)
+    ids = [
+        r.video_id
+        for split in (config.data.train_split, config.data.val_split)
+        for r in manifest.split(split)
+    ]
+    return {"cache": {"done": sum(v in done for v in ids), "failed": sum(v in failed for v in ids)}}
 
 
 def finish_stage(stage: Any, env: DistEnv, summary: dict[str, Any]) -> dict[str, Any]:
@@ -467,7 +496,9 @@ def build_job(
 
     source_kind = config.train.source
     manifest = load_manifest(config.data)
-    train_records = manifest.captioned_split(config.data.train_split)
+    for split in (config.data.train_split, config.data.val_split):
+        require_references(manifest, split)  # before any training or captioning
+    train_records = manifest.split(config.data.train_split)
     val_records = manifest.split(config.data.val_split)
     source = make_source(config, model, train_records + val_records, source_kind)
     available = set(source.available([r.video_id for r in train_records + val_records]))
@@ -479,6 +510,7 @@ def build_job(
             source_kind,
             ", ".join(skipped[:5]),
         )
+    _refuse_a_partial_cache(config, source, train_records + val_records, available)
     train_records = [r for r in train_records if r.video_id in available]
     val_ids = [r.video_id for r in val_records if r.video_id in available and r.captions]
     if config.train.val_max_videos:
@@ -486,6 +518,13 @@ def build_job(
     if not train_records:
         raise StageError(
             f"no training video of split {config.data.train_split!r} is available from the {source_kind}"
+        )
+    if not val_ids and not config.train.allow_no_validation:
+        raise StageError(
+            f"no video of the validation split {config.data.val_split!r} with captions is available from "
+            f"the {source_kind} ({len(val_records)} in the annotations): validation CIDEr would be 0 every "
+            "epoch and best/ meaningless; extract them (extract.splits), or set "
+            "train.allow_no_validation=true to keep the last epoch's model"
         )
     plan = TrainPlan(
         train_records,
@@ -501,6 +540,8 @@ def build_job(
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         min_new_tokens=config.eval.min_new_tokens,
+        num_beams=config.eval.num_beams if settings.select == "beam_cider_bleu4" else 1,
+        select=settings.select,
     )
     return Job(
         plan,
@@ -513,6 +554,22 @@ def build_job(
         fingerprint_settings=stage.settings,
         start_is_candidate=start_is_candidate,
     )
+
+
+def _refuse_a_partial_cache(config: Config, source: Any, records: list[Any], available: set[str]) -> None:
+    """Videos neither done nor failed in the cache (extraction unfinished) stop training unless opted in."""
+    store = getattr(source, "store", None)
+    if store is None or config.train.allow_partial_cache:
+        return
+    unsettled = set(store.pending_ids(retry_failed=False))  # in the store, neither done nor failed
+    pending = [r.video_id for r in records if r.video_id in unsettled]
+    if pending:
+        raise StageError(
+            f"{len(pending)} of {len(records)} videos of splits {config.data.train_split!r} and "
+            f"{config.data.val_split!r} are not extracted yet in {store.path} (e.g. {', '.join(pending[:3])}): "
+            "finish `vidcap extract` first, or set train.allow_partial_cache=true to train without them "
+            "(finishing the extraction later makes this training stale)"
+        )
 
 
 def best_model_dir(run_dir: str | Path) -> Path:

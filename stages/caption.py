@@ -10,10 +10,15 @@ column, or a `.txt` list of paths (`pipeline/inputs.py`).
 Each video becomes one JSON line in OUT, which says how its caption was made:
 
     {"video": "/abs/path.mp4", "caption": "a man is cooking",   # or "error": "<why it could not be read>"
+     "confidence": 0.83, "mean_logprob": -0.19, "beam_agreement": 0.71,
      "model": "/abs/model", "model_sha256": "<hash of the model folder's files>", "num_frames": 8,
      "image_size": 224, "sampling": "uniform", "num_beams": 5, "max_new_tokens": 32, "min_new_tokens": 5}
 
-(`model_sha256` is `hub:<id>` for a hub id; for an export it covers its base folder too.)
+`model_sha256` is `hub:<id>` for a hub id; for an export it covers its base folder too.
+`confidence` (geometric-mean token probability of the caption), `mean_logprob` and, with beam
+search, `beam_agreement` (word overlap of the top beams) are `pipeline/confidence.py`'s; they make
+OUT a training set that keeps only confident captions (`format: captions_jsonl`, README,
+Pseudo-labelling).
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
@@ -34,7 +39,8 @@ How OUT stays correct when several workers write and anything can be killed
 * a video counts as done when OUT holds its record (all its windows, in window mode);
   re-running with the same OUT captions only the others, so nothing is done twice and no
   record is duplicated;
-* one run at a time per OUT: a lock file `OUT.lock` refuses a second concurrent run.
+* one run at a time per OUT: a lock beside it (`.OUT.lock`) refuses a second concurrent run;
+* OUT may not be one of the inputs (a manifest, a video): that is refused before anything is written.
 
 Errors (missing, empty, corrupt, non-video files) become `error` records and never stop the run.
 """
@@ -58,6 +64,7 @@ from typing import Any
 
 import torch
 
+from pipeline.confidence import captions_with_confidence
 from pipeline.config import Config, absolute_path, looks_like_local_path, model_location
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
@@ -85,7 +92,14 @@ from pipeline.runtime.records import (
     read_records,
     recorded_videos,
 )
-from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
+from pipeline.runtime.stage import (
+    Stage,
+    StageError,
+    check_outputs_apart,
+    resolve_device,
+    stage_entry,
+    stage_logger,
+)
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
 from pipeline.video import VideoDecodeError, load_clip
@@ -96,6 +110,7 @@ TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
 PROGRESS_EVERY_S = 30.0  # a long windowed video logs how far it got this often
 
 
+@stage_entry("caption")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """The pipeline's `caption` stage: caption `caption.inputs` with the run's model into `caption.out`."""
     if not config.caption.inputs:
@@ -125,6 +140,7 @@ def caption_videos(
     parts = out.with_name(out.name + ".parts")
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
+    check_outputs_apart({"--out": out}, {f"input {name!r}": name for name in inputs})
     with exclusive_writer(out):
         settings = record_settings(model_path, config)
         _refuse_other_settings(out, settings)
@@ -260,6 +276,7 @@ class _Totals(Tally):
         self.captioned += result["captioned"]
         self.errors += result["errors"]
         self.add_seconds({k: result[k] for k in TIMERS})
+        self.add_fallbacks(result.get("decode_fallbacks", {}))
 
     def summary(self, out: Path, model: str, mode: str, setup_s: float, seconds: float) -> dict[str, Any]:
         common = self.common_summary(mode, self.captioned + self.errors, setup_s, seconds)
@@ -282,7 +299,7 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
             model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
         else:  # a base BLIP-2: zero-shot with config.model's settings
             model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
-        return model, {"num_frames": model.cfg.num_frames, "image_size": model.cfg.image_size}
+        return model, {"num_frames": model.cfg.num_frames, "image_size": model.image_size}
 
     key = ("captioner", model_path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), device)
     model, settings = worker_cached(key, load)
@@ -304,7 +321,12 @@ def caption_task(
     name, items = task
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
-    result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
+    result: dict[str, Any] = {
+        "captioned": 0,
+        "errors": 0,
+        **dict.fromkeys(TIMERS, 0.0),
+        "decode_fallbacks": {},
+    }
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -333,10 +355,11 @@ def caption_task(
 
 def _caption_batch(
     model: Any, pixels: Any, device: str, config: Config, timers: dict[str, float]
-) -> list[str]:
+) -> list[dict[str, Any]]:
+    """`{"caption", "confidence", "mean_logprob"[, "beam_agreement"]}` per clip (`pipeline/confidence.py`)."""
 
     cap = config.caption
-    texts: list[str] = []
+    texts: list[dict[str, Any]] = []
     for first in range(0, pixels.shape[0], cap.batch_size):  # a long video's windows: several calls
         started = time.perf_counter()
         tokens = model.encode_frames(pixels[first : first + cap.batch_size])  # (B, T, L, D)
@@ -344,13 +367,9 @@ def _caption_batch(
             torch.cuda.synchronize()  # so the ViT's time is not billed to generate
         timers["vit_s"] += time.perf_counter() - started
         started = time.perf_counter()
-        out = model.generate(
-            tokens,
-            num_beams=cap.num_beams,
-            max_new_tokens=cap.max_new_tokens,
-            min_new_tokens=cap.min_new_tokens,
+        texts += captions_with_confidence(
+            model, tokens, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens
         )
-        texts += out.texts
         timers["generate_s"] += time.perf_counter() - started
     return texts
 
@@ -377,12 +396,12 @@ class _ClipBatch:
 
         return torch.stack([c.pixels for c in self.clips])  # (B, T, 3, S, S)
 
-    def records(self, captions: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
-        records = [_record(c, base, caption=text) for c, text in zip(self.clips, captions, strict=True)]
+    def records(self, captions: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+        records = [_record(c, base, **caption) for c, caption in zip(self.clips, captions, strict=True)]
         return records + [_record(c, base, error=c.error) for c in self.errors]
 
 
-def _record(clip: _Clip, base: dict[str, Any], **result: str) -> dict[str, Any]:
+def _record(clip: _Clip, base: dict[str, Any], **result: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"video": clip.item.video}
     if clip.item.video_id:
         record["video_id"] = clip.item.video_id
@@ -425,9 +444,11 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
                 yield clip
         return
     decode = partial(_decode_item, settings=settings, config=config)
-    for (clips, seconds), waited in prefetch_map(pool, decode, items, ahead):
+    for (clips, seconds, fallbacks), waited in prefetch_map(pool, decode, items, ahead):
         timers["decode_s"] += seconds
         timers["decode_wait_s"] += waited
+        for reason in set(fallbacks):  # once per video, however many windows it has
+            timers["decode_fallbacks"][reason] = timers["decode_fallbacks"].get(reason, 0) + 1
         yield from clips
 
 
@@ -436,9 +457,13 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
     return fn(*args), time.perf_counter() - started
 
 
-def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
-    """One whole video's clip as normalised pixels, or an error clip."""
+def _decode_item(
+    item: VideoInput, settings: dict[str, int], config: Config
+) -> tuple[list[_Clip], float, list[str]]:
+    """One whole video's clip as normalised pixels, or an error clip; and why decoding fell back to
+    pyav, if it did."""
     started = time.perf_counter()
+    fallbacks: list[str] = []
     try:
         frames = load_clip(
             item.video,
@@ -447,11 +472,12 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
             view=0,
             backend=config.decode.backend,
             threads=config.decode.threads,
+            fallbacks=fallbacks,
         )  # (T, S, S, 3)
         clip = _Clip(item, normalize_frames(frames))
     except Exception as e:
         clip = _error_clip(item, e)
-    return [clip], time.perf_counter() - started
+    return [clip], time.perf_counter() - started, fallbacks
 
 
 def _windowed_clips(items: list[VideoInput], settings: dict[str, int], config: Config) -> Iterator[_Clip]:

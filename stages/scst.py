@@ -41,7 +41,7 @@ from pipeline.model import VideoCaptioner, is_export
 from pipeline.optim import LoopSettings
 from pipeline.runtime.distributed import barrier, setup_distributed
 from pipeline.runtime.files import atomic_write_bytes
-from pipeline.runtime.stage import StageError
+from pipeline.runtime.stage import StageError, stage_entry
 from pipeline.training import BEST, build_job, finish_stage, fit, open_stage
 
 DF_FILE = "cider_df.npz"
@@ -134,6 +134,7 @@ def _df_matches(cache: Path, stamp: Path, digest: str) -> bool:
         return False
 
 
+@stage_entry("scst")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Self-critical training from `<run>/train/best`; returns the summary (best val CIDEr-D, whether SCST beat CE)."""
 

@@ -366,3 +366,31 @@ def test_iteration_budget_validates_every_n_steps_and_resumes_mid_round(tiny_wor
     a = load_file(str(config.stage_dir("train") / "checkpoints/step_00000007/trainable.safetensors"))
     b = load_file(str(out / "checkpoints/step_00000007/trainable.safetensors"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_checkpoint_by_beam_search_cider_plus_bleu4(tiny_world, tmp_path):
+    """`select: beam_cider_bleu4` (LAVIS): validation with eval's beams, best by CIDEr-D + BLEU-4."""
+    import stages.train as train
+
+    config = tiny_config(tiny_world, tmp_path, train={"epochs": 1, "select": "beam_cider_bleu4"},
+                         eval={"num_beams": 3})  # fmt: skip
+    summary = train.run(config)
+    out = config.stage_dir("train")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in rounds] == [0, 1] and summary["select"] == "beam_cider_bleu4"
+    for r in rounds:
+        assert 0 <= r["val_bleu4"] <= 1 and r["val_score"] == pytest.approx(r["val_cider"] + r["val_bleu4"])
+    best = json.loads((out / "best/val_score.json").read_text())
+    assert best["val_score"] == rounds[1]["val_score"] and best["val_cider"] == summary["best_val_cider"]
+
+
+def test_lavis_weight_decay_reaches_query_tokens_and_embeddings(tiny_world):
+    """`no_decay: [bias, norm]` (the presets, as LAVIS): every >= 2-d weight decays but norms."""
+    model = _model(tiny_world, temporal_embeddings=True)
+    decay, no_decay = param_groups(model, 0.05, no_decay_names=("bias", "norm"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    assert {"blip.query_tokens", "temporal_embeddings"} <= decayed
+    assert all(p.ndim >= 2 and "norm" not in names[id(p)].lower() for p in decay["params"])
+    assert all(p.ndim < 2 or "norm" in names[id(p)].lower() for p in no_decay["params"]) and skipped

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import pipeline.windows
-from pipeline.video import load_clip, write_video
-from pipeline.windows import frame_times, iter_windows, window_spans
+from pipeline.video import frame_times, load_clip, probe_video, write_video
+from pipeline.windows import iter_windows, window_spans
 
 FPS, NUM = 8, 83  # 10.375 s
 
@@ -69,13 +69,17 @@ def test_windows_are_placed_by_the_frames_timestamps_not_index_over_rate(tmp_pat
     times_ms = [0, 100, 200, 1500, 1600, 3000, 3100, 3200, 3300, 3400]
     path = tmp_path / "vfr.mkv"
     _variable_rate_video(path, times_ms)
-    times, duration = frame_times(path)
-    assert np.allclose(times, np.array(times_ms) / 1000) and duration == pytest.approx(3.44)
+    assert np.allclose(frame_times(path), np.array(times_ms) / 1000)
+    assert probe_video(path).duration == pytest.approx(3.44)
     windows = list(iter_windows(path, 2, 8, 1.0))
     shown = [np.round((w.frames.reshape(2, -1).mean(axis=1) - 10) / 20).astype(int).tolist() for w in windows]
-    # [1, 2): frame 2 is still on screen at 1.0 s, then frames 3 and 4; [2, 3): only frame 4 (1.6-3.0 s)
-    assert shown == [[0, 1], [2, 3], [4, 4], [5, 7]]
-    assert [w.frame_times.tolist() for w in windows][:3] == [[0.0, 0.1], [0.2, 1.5], [1.6, 1.6]]
+    # time slots of 0.344 s, each showing the frame on screen at its middle: [0, 1) samples slots
+    # 0 and 1 (0.17 s: frame 1, 0.52 s: frame 2); [3, 3.44) slots 8 and 9 (2.92 s: frame 4, still
+    # on screen until 3.0 s; 3.27 s: frame 7). By index / fps they would be other frames.
+    assert shown == [[1, 2], [2, 3], [4, 4], [4, 7]]
+    assert [w.frame_times.tolist() for w in windows][:3] == [[0.1, 0.2], [0.2, 1.5], [1.6, 1.6]]
+    for w in windows:
+        assert np.array_equal(w.frames, load_clip(path, 2, 8, start_sec=w.start, end_sec=w.end))
 
 
 def test_the_file_is_read_the_same_number_of_times_whatever_the_number_of_windows(videos, monkeypatch):
@@ -96,11 +100,11 @@ def test_a_failure_part_way_raises_after_the_windows_before_it(videos, monkeypat
     real = pipeline.windows._square_rgb
     calls = []
 
-    def failing(frame, size, image_size):
+    def failing(frame, index, image_size):
         calls.append(1)
         if len(calls) > 10:
             raise VideoDecodeError("long.mp4", "decoding failed near 3.0 s: broken packet")
-        return real(frame, size, image_size)
+        return real(frame, index, image_size)
 
     monkeypatch.setattr(pipeline.windows, "_square_rgb", failing)
     got = []
@@ -135,11 +139,11 @@ def test_windowed_captioning_writes_as_it_goes_and_a_failure_is_one_error(
     real = pipeline.windows._square_rgb
     calls = []
 
-    def failing(frame, size, image_size):
+    def failing(frame, index, image_size):
         calls.append(1)
         if len(calls) > 12:  # in the 4th window of the first video
             raise RuntimeError("decoder fell over")
-        return real(frame, size, image_size)
+        return real(frame, index, image_size)
 
     monkeypatch.setattr(pipeline.windows, "_square_rgb", failing)
     out = tmp_path / "failed.jsonl"

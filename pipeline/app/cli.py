@@ -17,7 +17,14 @@ import click
 from pipeline.runtime.commandline import cli_config, config_options, print_json, user_errors
 
 # `pipeline.demo.testmodels.PRESETS` (a test keeps them in step; importing it would import torch)
-MODEL_PRESETS = ("tiny-t5", "tiny-opt", "vitg-flan-t5-xl", "vitg-opt-2.7b")
+MODEL_PRESETS = (
+    "tiny-t5",
+    "tiny-opt",
+    "vitg-flan-t5-xl",
+    "vitg-opt-2.7b",
+    "tiny-instructblip",
+    "vitg-vicuna-7b",
+)
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -199,15 +206,32 @@ def cache() -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (videos, done, failed, fingerprint, bytes)."
 )
+@click.option("--verify", is_flag=True, help="Check every chunk of every done video against its checksum.")
+@click.option(
+    "--repair", is_flag=True, help="With --verify: mark damaged videos pending, so extract redoes them."
+)
 @user_errors
-def cache_info(path: str, as_json: bool) -> None:
-    """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk."""
+def cache_info(path: str, as_json: bool, verify: bool, repair: bool) -> None:
+    """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk.
+
+    With --verify, every chunk of every done video is checked (size and CRC-32); the exit
+    status is 1 when any is missing or damaged.
+    """
     from cache.store import FeatureStore
 
-    info = FeatureStore.open(path).info()
+    store = FeatureStore.open(path, mode="r+" if repair else "r")
+    info = store.info()
+    if verify or repair:
+        info["verify"] = store.verify(repair=repair)
     if as_json:
         print_json(info)
-        return
+    else:
+        _print_cache_info(path, info)
+    if info.get("verify", {}).get("damaged"):
+        raise SystemExit(1)
+
+
+def _print_cache_info(path: str, info: dict) -> None:
     failed = info.get("failed", {})
     click.echo(
         f"{path}: {info['done']}/{info['videos']} videos done, {len(failed)} failed, "
@@ -217,6 +241,13 @@ def cache_info(path: str, as_json: bool) -> None:
         click.echo(f"  {key}: {value}")
     for video_id, reason in list(failed.items())[:20]:
         click.echo(f"  failed {video_id}: {reason}")
+    if "verify" in info:
+        checked = info["verify"]
+        click.echo(f"verified {checked['checked']} done videos: {len(checked['damaged'])} damaged")
+        for reason in list(checked["damaged"].values())[:20]:
+            click.echo(f"  {reason}")
+        if checked["repaired"]:
+            click.echo("  damaged videos are pending again: run extract to redo them")
 
 
 @main.command("config-reference")

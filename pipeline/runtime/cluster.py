@@ -298,10 +298,17 @@ class Tally:
         self.videos, self.skipped = videos, skipped
         self.seconds = dict.fromkeys(timers, 0.0)
         self.started = time.time()
+        self.fallbacks: collections.Counter[str] = (
+            collections.Counter()
+        )  # videos whose decoder fell back, by reason
 
     def add_seconds(self, seconds: dict[str, float]) -> None:
         for key, value in seconds.items():
             self.seconds[key] += value
+
+    def add_fallbacks(self, reasons: dict[str, int]) -> None:
+        """Count videos decoded by `pyav` because the configured backend was not exact on them."""
+        self.fallbacks.update(reasons)
 
     def common_summary(self, mode: str, finished: int, setup_s: float, seconds: float) -> dict[str, Any]:
         """Mode, video counts, wall time, set-up time, videos/s since the work began, seconds per phase."""
@@ -314,6 +321,7 @@ class Tally:
             "setup_s": round(setup_s, 2),  # starting workers and loading the model
             "videos_per_s": round(finished / working, 3) if finished and working > 0 else 0.0,
             **{k: round(v, 2) for k, v in self.seconds.items()},
+            "decode_fallbacks": dict(self.fallbacks.most_common()),
         }
 
 
