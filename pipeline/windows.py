@@ -94,7 +94,7 @@ def iter_windows(
             kept[k] = _square_rgb(frame, index, image_size)
         while done < len(plan) and k >= plan[done][-1]:
             if any(j not in kept for j in plan[done].tolist()):
-                break  # a sampled frame that did not decode (frames come in order): reported below
+                break  # a sampled frame that did not decode: reported below
             start, end = spans[done]
             yield Window(done, len(plan), start, end, np.stack([kept[j] for j in plan[done].tolist()]),
                          index.times[plan[done]])  # fmt: skip
@@ -103,8 +103,8 @@ def iter_windows(
                 del kept[j]
         if done == len(plan):
             return
-        if done < len(plan) and k >= plan[done][-1]:
-            break
+        if k >= plan[done][-1]:
+            break  # a frame of window `done` is missing and will not come: frames come in order
     if done == len(plan):
         return
     lost = [j for j in plan[done].tolist() if j not in kept]
