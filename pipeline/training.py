@@ -318,7 +318,9 @@ class _Loop:
             state.start_cider = cider
         # Without validation videos (train.allow_no_validation) the latest trained round is kept.
         unranked = trained and not self.job.validation.video_ids
-        improved = (trained or self.job.start_is_candidate) and (scores["val_score"] > state.best_score or unranked)
+        improved = (trained or self.job.start_is_candidate) and (
+            scores["val_score"] > state.best_score or unranked
+        )
         if improved:
             state.best_cider, state.best_score = cider, scores["val_score"]
             state.best_epoch, state.best_step = round_, state.global_step
