@@ -10,9 +10,9 @@ the whole frame resized to S x S, bicubic), but the file is read once from start
 
 1. `index_video` demuxes the packets (no decoding): the frames' presentation times, which
    place the windows and the frames each one samples;
-2. the stream is decoded in order with PyAV; a decoded frame is recognised by its pts (by its
-   count where the file has none, as in AVI); a frame some window samples is converted to
-   S x S RGB as it goes by, the others are dropped at once;
+2. the stream is decoded in order (`iter_frames`: each frame recognised by its pts, by its count
+   where the file has none, as in AVI); a frame some window samples is converted to S x S RGB
+   as it goes by (`frame_rgb`, then resized), the others are dropped at once;
 3. a window is yielded as soon as its last sampled frame is decoded.
 
 So the cost is one decoding pass, linear in the duration, and memory holds the sampled frames
@@ -33,7 +33,7 @@ from PIL import Image
 
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import sample_frame_indices
-from pipeline.videoindex import VideoIndex, av_errors, av_open, index_video, short_error
+from pipeline.video import VideoIndex, frame_rgb, index_video, iter_frames
 
 
 @dataclass
@@ -87,9 +87,8 @@ def iter_windows(
     for k, frames in enumerate(plan):
         last_use.update(dict.fromkeys(frames.tolist(), k))
     kept: dict[int, np.ndarray] = {}  # sampled frames, resized, of the windows not yet yielded
-    errors: list[str] = []
     done = 0
-    for k, frame in _decoded(index, threads, errors):
+    for k, frame in iter_frames(index, threads):
         if k in last_use:
             kept[k] = _square_rgb(frame, index, image_size)
         while done < len(plan) and k >= plan[done][-1]:
@@ -108,47 +107,14 @@ def iter_windows(
     if done == len(plan):
         return
     lost = [j for j in plan[done].tolist() if j not in kept]
-    cause = f" ({errors[0]})" if errors else ""
     raise VideoDecodeError(
         index.path,
-        f"the frame at {index.times[lost[0]]:.3f}s of window {done + 1}/{len(plan)} could not be decoded{cause}",
+        f"the frame at {index.times[lost[0]]:.3f}s of window {done + 1}/{len(plan)} could not be decoded",
     )
 
 
-def _decoded(index: VideoIndex, threads: int, errors: list[str]) -> Iterator[tuple[int, av.VideoFrame]]:
-    """(frame index, decoded frame) in presentation order. A packet that fails to decode is skipped
-    and its error kept, unless the file has no pts (then later frames could not be placed)."""
-    position = {p: k for k, p in enumerate(index.pts)} if index.pts is not None else None
-    count = 0
-    with av_errors(index.path, "decoding failed"), av_open(index.path) as container:
-        stream = container.streams[index.stream]
-        stream.thread_type = "AUTO"
-        if threads > 0:
-            stream.codec_context.thread_count = threads
-        for packet in container.demux(stream):
-            try:
-                decoded = packet.decode()
-            except av.FFmpegError as e:
-                if position is None:
-                    raise VideoDecodeError(
-                        index.path, f"a packet cannot be decoded ({short_error(e)}) and the file has no "
-                        "presentation times to tell which frames follow"
-                    ) from e  # fmt: skip
-                errors.append(short_error(e))
-                continue
-            for frame in decoded:
-                k = count if position is None else position.get(frame.pts, -1)
-                count += 1
-                if k >= 0:
-                    yield k, frame
-
-
 def _square_rgb(frame: av.VideoFrame, index: VideoIndex, image_size: int) -> np.ndarray:
-    """The frame as displayed (FFmpeg's RGB conversion, the display rotation), resized whole to
-    S x S, bicubic: what `load_clip`'s evaluation view does."""
-    height, width = index.coded  # pinned: a mid-stream size change cannot break stacking
-    rgb = frame.to_ndarray(format="rgb24", width=width, height=height)
-    if index.info.rotation:
-        rgb = np.rot90(rgb, k=index.info.rotation // 90)
-    shown = Image.fromarray(np.ascontiguousarray(rgb))
+    """The frame as displayed (`frame_rgb`), resized whole to S x S, bicubic: what `load_clip`'s
+    evaluation view does."""
+    shown = Image.fromarray(np.ascontiguousarray(frame_rgb(frame, index)))
     return np.asarray(shown.resize((image_size, image_size), Image.BICUBIC, box=(0, 0, *shown.size)))

@@ -200,3 +200,32 @@ def test_the_benchmark_runs_and_prints_seconds_per_video_minute():
         ("0.1", "3", "window"),
         ("0.2", "6", "pass"),
     ]
+
+
+@pytest.fixture(scope="module")
+def zoo(tmp_path_factory):
+    from pipeline.demo.videozoo import make_video_zoo
+
+    root = tmp_path_factory.mktemp("zoo")
+    return root, make_video_zoo(root)
+
+
+def test_on_every_kind_of_file_the_windows_are_the_per_window_clips(zoo):
+    """Rotated, variable-rate, corrupt-start, open-GOP, AVI without pts...: the one pass gives each
+    window exactly `load_clip`'s frames for it."""
+    from pipeline.demo.videozoo import ZOO
+
+    root, videos = zoo
+    checked = 0
+    for name in videos:
+        if ZOO[name].refused:
+            continue
+        path = root / name
+        window = max(0.3, probe_video(path).duration / 3)
+        windows = list(iter_windows(path, 3, 24, window))
+        assert len(windows) == len(window_spans(probe_video(path).duration, window)), name
+        for w in windows:
+            reference = load_clip(path, 3, 24, start_sec=w.start, end_sec=w.end)
+            assert np.array_equal(w.frames, reference), (name, w.index)
+        checked += 1
+    assert checked >= 5
