@@ -742,7 +742,7 @@ def _sections() -> tuple[dataclasses.Field, ...]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config and apply `section.key=value` overrides; validate everything."""
     raw: dict[str, Any] = {}
-    source = "<defaults>"
+    source = "--set" if overrides else "<defaults>"  # what the errors name when there is no file
     if path is not None:
         source = str(path)
         try:

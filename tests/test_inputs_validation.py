@@ -344,3 +344,13 @@ def test_a_split_whose_captions_are_all_blank_is_refused_naming_it(tmp_path):
     ):
         require_references(manifest, "train")
     require_references(manifest, "val")
+
+
+def test_a_bad_override_without_a_file_is_named_as_one(tmp_path):
+    from pipeline.app.cli import main
+
+    result = CliRunner().invoke(main, ["show-config", "--set", "run.device=gpu0"])
+    assert result.exit_code == 1
+    assert result.output == (
+        "vidcap: error: --set: run.device must be auto, cpu, cuda or cuda:N (N a GPU index); got 'gpu0'\n"
+    )
