@@ -21,6 +21,10 @@ Export format (`save_trained` / `from_trained`), one folder:
   `peft.PeftModel.from_pretrained(language_model, "lora")` opens;
 * with `merge_lora=True` instead: a full Hugging Face BLIP-2 folder (LoRA merged into the LLM,
   trained Q-Former in place, tokenizer) plus `video_model.json` (and temporal embeddings).
+
+Without `merge_lora` the folder holds only what training changed and loads the rest (the ViT,
+the frozen LLM, the tokenizer) from the base `pretrained`: a hub id, or a local folder recorded
+by its absolute path, which must stay there. With `merge_lora` it needs nothing else.
 """
 
 from __future__ import annotations
@@ -39,7 +43,8 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, looks_like_local_path
+from pipeline.errors import StageError
 from pipeline.flavours import FLAVOURS, Flavour, flavour_of  # noqa: F401 (FLAVOURS, Flavour: re-exported)
 from pipeline.sharding import load_full_tensor
 from pipeline.vision import ARCHITECTURES, architecture, autocast, compute_dtype, run_vit, tokens_per_frame
@@ -54,6 +59,22 @@ EXPORT_FORMAT = 1
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a model vidcap wrote (`save_trained`: a checkpoint's best/ or an export)."""
     return (Path(folder) / EXPORT_FILE).is_file()
+
+
+def export_base(folder: str | Path) -> str | None:
+    """The base model an export loads its untrained parts from (None for a merged export, which
+    needs nothing else); a local base folder that is gone is a `StageError` saying what to do."""
+    meta = json.loads((Path(folder) / EXPORT_FILE).read_text())
+    if meta.get("merged"):
+        return None
+    base = meta["pretrained"]
+    if looks_like_local_path(base) and not Path(base).is_dir():
+        raise StageError(
+            f"{folder} is an export that keeps only the trained weights: it needs its base model "
+            f"{base} (`pretrained` in {EXPORT_FILE}), which is not there; put it back, edit that "
+            "path, or export again with `vidcap export --merge-lora` for a folder that needs nothing else"
+        )
+    return base
 
 
 @dataclass
@@ -618,7 +639,7 @@ def export_settings(folder: str | Path) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
     # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
-    model_cfg.pretrained = str(folder) if meta["merged"] else meta["pretrained"]
+    model_cfg.pretrained = export_base(folder) or str(folder)
     return model_cfg
 
 

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from pipeline.config import STAGES, Config, diff_settings, stage_settings
+from pipeline.config import STAGES, Config, check_stage_inputs, diff_settings, stage_settings
 from pipeline.errors import ConfigError, StageError
 from pipeline.runtime import locks
 from pipeline.runtime.files import atomic_write_json
@@ -74,6 +74,7 @@ class Stage:
         A forced stage starts from an empty folder (the previous one is moved aside until the new
         run finishes).
         """
+        check_stage_inputs(config, name)  # before anything is read, skipped or deleted
         self.config = config
         self.name = name
         self.dir = config.stage_dir(name)
