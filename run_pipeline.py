@@ -23,6 +23,7 @@ from typing import Any
 import click
 
 from pipeline.config import Config, ConfigError
+from pipeline.demo.qademo import caption_demo_config, prepare_qa_demo
 from pipeline.demo.synth import make_synthetic_world
 from pipeline.demo.testmodels import init_model
 from pipeline.demo.tinypretrain import PRETRAIN_FILE, pretrain_tiny_model
@@ -131,6 +132,10 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def prepare_demo(config: Config) -> None:
     """Build the demo's synthetic world and tiny model where the config expects them, if missing."""
+    if config.data.task == "qa":  # the captioning demo's world and model first, then its questions
+        prepare_demo(caption_demo_config(config))
+        prepare_qa_demo(config)
+        return
     annotations = Path(config.data.annotations)
     world_summary = annotations.parent / "summary.json"  # written last: the world is complete
     if not world_summary.exists():

@@ -216,6 +216,9 @@ class Example:
     video_id: str
     view: int
     caption: str
+    """The training target: a caption, or an answer (`data.task: qa`)."""
+    prompt: str | None = None
+    """This example's own language-model prompt (a question); None: the model's `prompt`."""
 
 
 @dataclass(frozen=True)
@@ -284,9 +287,13 @@ class TrainPlan:
             if self.num_views > 1
             else np.zeros(len(items), int)
         )
-        examples = [Example(items[i][0], int(views[i]), items[i][1]) for i in order]
+        examples = [self.example(items[i][0], int(views[i]), items[i][1]) for i in order]
         total = self.steps_per_epoch * self.global_batch
         return [examples[i % len(examples)] for i in range(total)]
+
+    def example(self, video_id: str, view: int, target: Any) -> Example:
+        """One plan entry from a video's target (a caption here; subclasses hold other targets)."""
+        return Example(video_id, view, target)
 
     def micro_batches(self, epoch: int, sharding: Sharding, start_step: int = 0) -> list[list[Example]]:
         """This rank's micro-batches from `start_step` of `epoch` on, `grad_accum` per step, in order."""
@@ -312,24 +319,31 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def collate(examples: Sequence[Example], reader: Any) -> dict[str, Any]:
-    """`{"video_ids", "views", "captions", "inputs"}`; `inputs` is what `source.encode` takes."""
+    """`{"video_ids", "views", "captions", "inputs"}` (+ `"prompts"`); `inputs` is what `source.encode` takes."""
     inputs, kept = reader.load([e.video_id for e in examples], [e.view for e in examples])
     examples = [examples[i] for i in kept]
-    return {
+    batch = {
         "video_ids": [e.video_id for e in examples],
         "views": [e.view for e in examples],
         "captions": [e.caption for e in examples],
         "inputs": inputs,
     }
+    if any(e.prompt is not None for e in examples):
+        batch["prompts"] = [e.prompt for e in examples]
+    return batch
 
 
 def to_device(batch: dict[str, Any], source: Any, device: str | torch.device) -> dict[str, Any]:
-    """A loaded batch -> `{"video_ids", "frame_tokens" (B, T, L, D) float32 on device, "captions"}`."""
-    return {
+    """A loaded batch -> `{"video_ids", "frame_tokens" (B, T, L, D) float32 on device, "captions"}`
+    (and `"prompts"` when the examples have their own)."""
+    moved = {
         "video_ids": batch["video_ids"],
         "captions": batch["captions"],
         "frame_tokens": source.encode(batch["inputs"], device),
     }
+    if "prompts" in batch:
+        moved["prompts"] = batch["prompts"]
+    return moved
 
 
 def make_loader(

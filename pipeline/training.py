@@ -165,6 +165,8 @@ class Job:
     """The stage's settings: a checkpoint written under others is not resumed."""
     start_is_candidate: bool = False
     """The starting model competes for `best/` (SCST: keep the CE model if SCST never beats it)."""
+    validator: Callable[..., tuple[float, dict[str, Any]]] = validate
+    """`(model, source, validation, env) -> (score, predictions)`: CIDEr-D here, accuracy for QA."""
 
 
 def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
@@ -205,7 +207,7 @@ def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
     def end_of_epoch(epoch: int, trained: bool) -> None:
         """Validate, keep the best, log, plot; `epoch` 0 is the starting model."""
         started = time.time()
-        cider, predictions = validate(model, job.source, job.validation, env)
+        cider, predictions = job.validator(model, job.source, job.validation, env)
         state.last_cider = cider
         if epoch == 0:
             state.start_cider = cider

@@ -30,6 +30,7 @@ import torch
 from pipeline.config import Config
 from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
+from pipeline.qa import build_qa_job
 from pipeline.runtime.distributed import setup_distributed
 from pipeline.runtime.files import atomic_write_json
 from pipeline.runtime.stage import StageError
@@ -37,8 +38,8 @@ from pipeline.training import BEST_SCORE_FILE, best_model_dir, build_job, finish
 
 
 def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean token cross-entropy of the batch's captions given its frames."""
-    return model.ce_loss(batch["frame_tokens"], batch["captions"]), {}
+    """Mean token cross-entropy of the batch's captions (QA: answers to its prompted questions) given its frames."""
+    return model.ce_loss(batch["frame_tokens"], batch["captions"], prompts=batch.get("prompts")), {}
 
 
 def run(config: Config, force: bool = False) -> dict[str, Any]:
@@ -52,9 +53,8 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     model = VideoCaptioner.from_pretrained(
         config.model.pretrained, config.model, load_vision=config.train.source == "video", device=env.device
     )
-    job = build_job(
-        config, model, stage, env, LoopSettings.from_train(config), captions=config.train.captions
-    )
+    build = build_qa_job if config.data.task == "qa" else build_job  # QA: questions in, answers out
+    job = build(config, model, stage, env, LoopSettings.from_train(config), captions=config.train.captions)
     stage.log.info(
         "train: %d videos (%d examples per epoch, %d steps per epoch), %d validation videos, "
         "source %s, llm %s, %d trainable parameters, %d process(es) on %s",
