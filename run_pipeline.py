@@ -119,12 +119,12 @@ def format_summary(result: dict[str, Any]) -> str:
     for name, info in result["stages"].items():
         lines.append(f"  {name:<8} {info['status']:<8} {info['seconds']:>8.1f} s")
     if result["metrics"]:
+        qa = any("accuracy" in values for values in result["metrics"].values())  # data.task: qa
+        columns = ("accuracy",) if qa else METRIC_COLUMNS
         lines.append("")
-        lines.append(f"  {'model':<12}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS))
+        lines.append(f"  {'model':<12}" + "".join(f"{c:>10}" for c in columns))
         for model, values in result["metrics"].items():
-            cells = "".join(
-                f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in METRIC_COLUMNS
-            )
+            cells = "".join(f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in columns)
             lines.append(f"  {model:<12}{cells}")
         lines.append("  (scores x 100, as papers report them)")
     return "\n".join(lines)
