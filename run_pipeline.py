@@ -8,12 +8,19 @@ A stage whose `DONE.json` fingerprint matches the config is skipped; a stage tha
 off resumes from its own checkpoints; a finished stage whose settings changed is refused
 unless named in `--force`. At the end, `<run.output_dir>/summary.json` records what ran,
 how long each stage took and the evaluation metrics of every evaluated model.
+
+The pseudo-labelling loop (`configs/demo_pseudo.yaml`) runs stages twice, as named instances on
+a derived config, each in its own folder with its own DONE.json: `train_labelled` (`train` on the
+labelled data alone), `pseudo_caption` (`caption` of an unlabelled pool with that model),
+`extract_sets` (`extract` of each extra training set into its own store); `train` then trains on
+the mixture `data.train_sets` names.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import sys
 import time
 from collections.abc import Callable
@@ -27,22 +34,50 @@ from pipeline.demo.qademo import caption_demo_config, prepare_qa_demo
 from pipeline.demo.synth import make_synthetic_world
 from pipeline.demo.testmodels import init_model
 from pipeline.demo.tinypretrain import PRETRAIN_FILE, pretrain_tiny_model
+from pipeline.mixture import pseudo_caption_config, set_extract_configs, teacher_config
 from pipeline.runtime.commandline import cli_config, config_options, user_errors
 from pipeline.runtime.files import atomic_write_json
 from pipeline.runtime.stage import configure_threads, read_done
 from stages import caption, extract, scst, train
 from stages import eval as eval_stage
 
-# The stages, in the order a pipeline runs them (their names are also `pipeline.config.STAGES`).
+
+# Named instances: a stage run again on a derived config (`pipeline/mixture.py`), in its own folder
+# `<run>/<instance>/` with its own DONE.json, for the pseudo-labelling loop (README, Pseudo-labelling).
+def train_labelled(config: Config, force: bool = False) -> dict[str, Any]:
+    """`train` on the labelled data alone (the teacher), ignoring `data.train_sets`."""
+    return train.run(teacher_config(config), force=force)
+
+
+def pseudo_caption(config: Config, force: bool = False) -> dict[str, Any]:
+    """`caption` of the pooled train set's videos with the `train_labelled` model, into its annotations."""
+    derived = pseudo_caption_config(config)
+    if force:  # the pseudo-labels were the previous teacher's: a resume would keep them
+        out = Path(derived.caption.out)
+        out.unlink(missing_ok=True)
+        shutil.rmtree(out.with_name(out.name + ".parts"), ignore_errors=True)
+    return caption.run(derived, force=force)
+
+
+def extract_sets(config: Config, force: bool = False) -> dict[str, Any]:
+    """`extract` of every train set with its own annotations into its own store (resumable per set)."""
+    return {name: extract.run(derived, force=force) for name, derived in set_extract_configs(config)}
+
+
+# The stages, in the order a pipeline runs them (their names are also `pipeline.config.STAGES`
+# and `STAGE_INSTANCES`).
 STAGES: dict[str, Callable[..., dict[str, Any]]] = {
     "extract": extract.run,
     "train": train.run,
     "scst": scst.run,
     "eval": eval_stage.run,
     "caption": caption.run,
+    "train_labelled": train_labelled,
+    "pseudo_caption": pseudo_caption,
+    "extract_sets": extract_sets,
 }
 # Only the training stages run data-parallel; the others shard work through Dask instead.
-DISTRIBUTED_STAGES = ("train", "scst")
+DISTRIBUTED_STAGES = ("train", "scst", "train_labelled")
 METRIC_COLUMNS = ("Bleu_4", "METEOR", "ROUGE_L", "CIDEr")
 
 
@@ -140,12 +175,24 @@ def prepare_demo(config: Config) -> None:
     world_summary = annotations.parent / "summary.json"  # written last: the world is complete
     if not world_summary.exists():
         print(f"demo: writing the synthetic world to {annotations.parent}", file=sys.stderr)
-        make_synthetic_world(annotations.parent, num_videos=config.run.demo_videos, seed=config.run.seed)
-    have = json.loads(world_summary.read_text()).get("num_videos")
+        make_synthetic_world(
+            annotations.parent,
+            num_videos=config.run.demo_videos,
+            seed=config.run.seed,
+            unlabelled=config.run.demo_unlabelled,
+        )
+    world = json.loads(world_summary.read_text())
+    have = world.get("num_videos")
     if have != config.run.demo_videos:
         raise ConfigError(
             f"run.demo_videos: {config.run.demo_videos}, but the synthetic world in {annotations.parent} "
             f"has {have} videos; delete that folder to rebuild it, or set run.demo_videos={have}"
+        )
+    if world.get("unlabelled", 0.0) != config.run.demo_unlabelled:
+        raise ConfigError(
+            f"run.demo_unlabelled: {config.run.demo_unlabelled}, but the synthetic world in "
+            f"{annotations.parent} leaves {world.get('unlabelled', 0.0)} of its training videos unlabelled; "
+            "delete that folder to rebuild it, or use another data.annotations folder"
         )
     model_dir = Path(config.model.pretrained)
     if not (model_dir / PRETRAIN_FILE).exists():  # written last: the model is complete

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train-views", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--decode-workers", type=int, default=2)
-    parser.add_argument("--backend", default="decord", choices=("decord", "pyav"))
+    parser.add_argument("--backend", default="pyav", choices=("pyav", "decord"))
     parser.add_argument("--models", nargs="+", default=["tiny", "mid"], choices=("tiny", "mid"))
     parser.add_argument(
         "--workers", nargs="+", type=int, default=[0, 2], help="0: in-process; N: N local Dask workers"

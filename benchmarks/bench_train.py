@@ -65,7 +65,7 @@ def time_steps(config, source_kind: str, steps: int, warmup: int = 2) -> tuple[f
     )
     records = load_manifest(config.data).split("train")
     source = make_source(config, model, records, source_kind)
-    settings = LoopSettings.from_train(config)
+    settings = LoopSettings.from_config(config, "train")
     plan = TrainPlan(records, 0, "sample", num_views=source.num_views, global_batch=settings.batch_size)
     optimizer, scheduler = build_optimizer(model, settings, total_steps=10_000)
     model.train()

@@ -16,7 +16,9 @@ On-disk layout (a Zarr v3 directory store; everything but `status/` is plain Zar
                              View 0 is the deterministic evaluation sampling, views 1.. are augmented
                              training samplings. Chunk (i, v) is the file tokens/c/<i>/<v>/0/0/0.
       video_ids/             string (N,): the ids in manifest order; video i is tokens[i].
-      status/done/<i>        marker: video i is completely written (content: its id)
+      status/done/<i>        marker: video i is completely written; content {"video_id", "chunks":
+                             [[bytes, crc32] or null per view]}, the size and CRC-32 of each chunk
+                             file as written (null: an all-zero chunk, which zarr does not store)
       status/failed/<i>.json {"video_id": ..., "reason": ...}: video i could not be extracted
 
     tokens = zarr.open_group(path, mode="r")["tokens"][i, 0]   # (T, L, D) of video i, view 0
@@ -30,6 +32,14 @@ writes the video's chunks, fsyncs them, and only then creates `status/done/<i>` 
 (temporary file, fsync, `os.replace`). A process killed at any instant therefore leaves
 either no marker (the video is pending and will be rewritten) or a marker whose chunks are
 complete; a half-written chunk never counts as done. Listing is one `os.scandir`.
+
+A reader proves what it serves: before decoding a chunk of a done video, `read` checks the
+chunk file's size and CRC-32 against the marker, so a chunk deleted or damaged on disk is a
+`StoreError` naming the video (zarr alone would return the fill value, zeros, for a missing
+chunk, and a blosc traceback for a truncated one). `verify` checks every done video;
+`vidcap cache info --verify [--repair]` runs it (and with `--repair` marks the damaged videos
+pending, so `extract` redoes them). Markers of older stores hold only the id: their chunks are
+decoded, not checksummed.
 
 Done wins over failed: a video with both markers (killed between writing the done marker
 and removing an old failure marker) is done. Failed videos are not retried by default
@@ -51,6 +61,7 @@ import os
 import shutil
 import uuid
 import warnings
+import zlib
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -166,6 +177,11 @@ class FeatureStore:
         _check_new_store(ids, (num_views, num_frames, tokens_per_frame, width), codec)
         if path.exists() and not overwrite:
             raise StoreError(f"{path} already exists; use open_or_create to resume, or overwrite=True")
+        if path.exists() and not is_feature_store(path):
+            raise StoreError(
+                f"{path} exists and is not a vidcap feature store (no zarr.json with our format_version "
+                "and fingerprint): refusing to replace it; choose another cache.path or move it yourself"
+            )
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.parent / f".{path.name}.creating-{uuid.uuid4().hex[:8]}"
         try:
@@ -322,7 +338,8 @@ class FeatureStore:
         done.unlink(missing_ok=True)  # a rewrite of a done video is not done until it completes
         self.tokens[index] = array  # (V, T, L, D): V chunks, each replaced atomically by zarr
         self._fsync_chunks(index)
-        atomic_write_bytes(done, video_id.encode())
+        record = {"video_id": video_id, "chunks": [self._chunk_sum(index, v) for v in range(self.shape[1])]}
+        atomic_write_bytes(done, json.dumps(record).encode())
         (self._status_dir("failed") / f"{index}.json").unlink(missing_ok=True)
 
     def mark_failed(self, video_id: str, reason: str) -> None:
@@ -336,13 +353,22 @@ class FeatureStore:
         if self.mode != "r+":
             raise StoreError(f"{self.path} is open read-only; open it with mode='r+' to write")
 
+    def _chunk_file(self, index: int, view: int) -> Path:
+        return self.path / "tokens" / self.tokens.metadata.encode_chunk_key((index, view, 0, 0, 0))
+
+    def _chunk_sum(self, index: int, view: int) -> list[int] | None:
+        """[bytes, CRC-32] of a chunk file as it is on disk; None when zarr stored none (all zeros)."""
+        try:
+            data = self._chunk_file(index, view).read_bytes()
+        except FileNotFoundError:
+            return None
+        return [len(data), zlib.crc32(data)]
+
     def _fsync_chunks(self, index: int) -> None:
         # Chunks must be on disk before the marker that vouches for them (power loss, NFS).
-        tokens = self.tokens
         dirs = set()
         for view in range(self.shape[1]):
-            key = tokens.metadata.encode_chunk_key((index, view, 0, 0, 0))
-            chunk = self.path / "tokens" / key
+            chunk = self._chunk_file(index, view)
             dirs.add(chunk.parent)
             fsync_path(chunk)
         for d in dirs:
@@ -406,11 +432,10 @@ class FeatureStore:
             names = ", ".join(f"{self.video_ids[i]!r} (index {i})" for i in not_done[:5])
             more = f" and {len(not_done) - 5} more" if len(not_done) > 5 else ""
             raise StoreError(f"not done in {self.path}: {names}{more}")
-        tokens = self.tokens
         out = np.empty((len(indices), *self.shape[2:]), dtype=np.float16)  # (B, T, L, D)
 
         def load(b: int) -> None:
-            out[b] = tokens[indices[b], per_item[b]]
+            out[b] = self._read_chunk(indices[b], per_item[b])
 
         if len(indices) <= 1:
             for b in range(len(indices)):
@@ -419,6 +444,74 @@ class FeatureStore:
             with ThreadPoolExecutor(min(READ_THREADS, len(indices))) as pool:
                 list(pool.map(load, range(len(indices))))
         return out
+
+    def _read_chunk(self, index: int, view: int, marker: dict[str, Any] | None = None) -> np.ndarray:
+        """(T, L, D) of a done video's view, after checking its chunk against the done marker."""
+        problem = self._chunk_problem(index, view, marker)
+        if problem:
+            raise StoreError(self._damaged(index, problem))
+        try:
+            return self.tokens[index, view]
+        except Exception as e:  # a codec error on a damaged chunk of an older store (no checksum)
+            raise StoreError(self._damaged(index, f"chunk of view {view} cannot be decoded ({e})")) from e
+
+    def _marker(self, index: int) -> dict[str, Any] | None:
+        """The done marker's record, or None for an older store's marker (the bare id)."""
+        try:
+            record = json.loads((self._status_dir("done") / str(index)).read_bytes())
+        except (FileNotFoundError, ValueError):
+            return None
+        return record if isinstance(record, dict) and "chunks" in record else None
+
+    def _chunk_problem(self, index: int, view: int, marker: dict[str, Any] | None = None) -> str:
+        """Why a done video's chunk does not match its marker ("" when it does)."""
+        marker = marker if marker is not None else self._marker(index)
+        if marker is None:
+            return ""
+        expected = marker["chunks"][view]
+        have = self._chunk_sum(index, view)
+        if have == expected:
+            return ""
+        chunk = self._chunk_file(index, view)
+        if have is None:
+            return f"its chunk of view {view} ({chunk}) is missing"
+        if expected is None:
+            return f"its chunk of view {view} ({chunk}) should not exist (all zeros when written)"
+        if have[0] != expected[0]:
+            return f"its chunk of view {view} ({chunk}) has {have[0]} bytes, {expected[0]} were written"
+        return f"its chunk of view {view} ({chunk}) is corrupt (CRC-32 differs from the one written)"
+
+    def _damaged(self, index: int, problem: str) -> str:
+        return (
+            f"video {self.video_ids[index]!r} (index {index}) is marked done in {self.path} but {problem}; "
+            f"run `vidcap cache info --verify --repair {self.path}`, then extract again"
+        )
+
+    def verify(self, repair: bool = False) -> dict[str, Any]:
+        """Check every chunk of every done video; {"checked": n, "damaged": {video_id: reason}}.
+
+        With `repair`, damaged videos lose their done marker (pending again: `extract` redoes them).
+        """
+        damaged: dict[str, str] = {}
+        done = sorted(self._marked("done"))
+        for index in done:
+            marker = self._marker(index)
+            for view in range(self.shape[1]):
+                try:
+                    if marker is None:
+                        self._read_chunk(index, view, marker)  # an older store: decode it
+                    else:
+                        problem = self._chunk_problem(index, view, marker)
+                        if problem:
+                            raise StoreError(self._damaged(index, problem))
+                except StoreError as e:
+                    damaged[self.video_ids[index]] = str(e)
+                    break
+        if repair and damaged:
+            self._check_writable()
+            for video_id in damaged:
+                (self._status_dir("done") / str(self.index_of(video_id))).unlink(missing_ok=True)
+        return {"checked": len(done), "damaged": damaged, "repaired": bool(repair and damaged)}
 
     # ---------------------------------------------------------------- summary
 
@@ -444,6 +537,17 @@ class FeatureStore:
 
 
 # -------------------------------------------------------------------- helpers
+
+
+def is_feature_store(path: str | Path) -> bool:
+    """Whether `path` is a store vidcap created: a Zarr group whose attributes hold our format_version
+    and fingerprint (read from zarr.json alone, so nothing else is opened or changed)."""
+    try:
+        meta = json.loads((Path(path) / "zarr.json").read_text())
+    except (OSError, ValueError):
+        return False
+    attrs = meta.get("attributes", {}) if isinstance(meta, dict) else {}
+    return isinstance(attrs, dict) and "format_version" in attrs and "fingerprint" in attrs
 
 
 def _check_new_store(ids: list[str], dims: tuple[int, ...], codec: str) -> None:

@@ -38,6 +38,8 @@ class LoopState:
 
     global_step: int = 0
     best_cider: float = -1.0
+    best_score: float = -1.0
+    """The selection score of the best model (`select`: CIDEr-D, or CIDEr-D + BLEU-4)."""
     best_epoch: int = -1
     best_step: int = -1
     start_cider: float | None = None

@@ -21,7 +21,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from pipeline.errors import ConfigError
 
@@ -46,20 +46,83 @@ class RunConfig:
     """`demo`: before the first stage, build the synthetic world and tiny model the config names, if missing."""
     demo_videos: int = 600
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
+    demo_unlabelled: float = 0.0
+    """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
         for stage in self.stages:
-            if stage not in STAGES:
-                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {', '.join(STAGES)}")
+            if stage not in STAGES + STAGE_INSTANCES:
+                choices = ", ".join(STAGES + STAGE_INSTANCES)
+                raise ConfigError(f"run.stages: unknown stage {stage!r}; choose from {choices}")
+
+
+@dataclass
+class CaptionFilterConfig:
+    """Which pseudo-labels of a `captions_jsonl` training set to keep (`pipeline.annotations`)."""
+
+    score: str = "confidence"
+    """Record field to rank by: `confidence` (geometric-mean token probability) or `beam_agreement`."""
+    min_confidence: float = 0.0
+    """Keep captions whose score is at least this (0: no threshold)."""
+    top_fraction: float = 1.0
+    """Then keep this fraction of the highest-scoring captions (1: all)."""
+
+    def __post_init__(self) -> None:
+        _check_choice("filter.score", self.score, ("confidence", "beam_agreement"))
+        if not 0.0 < self.top_fraction <= 1.0:
+            raise ConfigError(f"filter.top_fraction must be in (0, 1], got {self.top_fraction}")
+
+
+@dataclass
+class TrainSetConfig:
+    """One training set of a mixture (`data.train_sets`; `pipeline/mixture.py`)."""
+
+    name: str = ""
+    """Short name; training examples are routed to this set's cache by it."""
+    ratio: float = 1.0
+    """Sampling weight: each global batch comes from one set, drawn with probability ratio / sum."""
+    annotations: str = ""
+    """Annotation file or folder (empty: the `data` section's own training split and cache)."""
+    format: str = "jsonl"
+    """Annotation format: as `data.format`, or `captions_jsonl` (what `vidcap caption` writes)."""
+    video_root: str = ""
+    """Folder that relative video paths are resolved against."""
+    video_ext: str = ".mp4"
+    """Extension appended to bare video ids."""
+    split: str = "train"
+    """Split of the annotations to train on (`captions_jsonl` records are all `train`)."""
+    cache: str = ""
+    """Zarr store of this set (empty: `<run.output_dir>/extract_sets/<name>/features.zarr`)."""
+    pool: list[str] = field(default_factory=list)
+    """Unlabelled videos the `pseudo_caption` stage captions into this set's annotations."""
+    filter: CaptionFilterConfig = field(default_factory=CaptionFilterConfig)
+    """Which pseudo-labels to keep (`captions_jsonl` only)."""
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name:
+            raise ConfigError(f"train set name must be non-empty and without '/', got {self.name!r}")
+        if not self.ratio > 0:
+            raise ConfigError(f"train set {self.name!r}: ratio must be > 0, got {self.ratio}")
+        _check_choice(f"train set {self.name!r} format", self.format, DATA_FORMATS)
+        if self.pool and (self.format != "captions_jsonl" or not self.annotations):
+            raise ConfigError(
+                f"train set {self.name!r}: a pool is captioned into `annotations` (set it) "
+                "in format captions_jsonl"
+            )
+
+
+DATA_FORMATS = ("jsonl", "lavis", "msrvtt", "msvd", "vatex", "captions_jsonl")
 
 
 @dataclass
 class DataConfig:
     format: str = "jsonl"
-    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd` or `vatex`."""
-    annotations: str = ""
-    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`)."""
+    """Annotation format: `jsonl`, `lavis`, `msrvtt`, `msvd`, `vatex` or `captions_jsonl` (`vidcap caption`'s output)."""
+    annotations: str | list[str] = ""
+    """Annotation file (jsonl, msrvtt, vatex) or folder (lavis, msvd: `cap_{train,val,test}.json`; msrvtt, vatex: their files); msrvtt, vatex: also a list of files."""
+    annotations_split: str = ""
+    """Split of a single vatex annotation file whose name does not say it (`train`, `val`, `test`); empty: from the name."""
     video_root: str = ""
     """Folder that relative video paths are resolved against."""
     video_ext: str = ".mp4"
@@ -72,23 +135,39 @@ class DataConfig:
     """Name of the split `eval` scores."""
     max_videos: int = 0
     """Keep only the first N videos of each split (0: all); for smoke tests."""
+    train_sets: list[TrainSetConfig] = field(default_factory=list)
+    """Train on a mixture: sets `{name, ratio, annotations, format, cache, pool, filter}` (README, Pseudo-labelling)."""
     task: str = "caption"
     """`caption`, or `qa`: answer questions about the videos (settings in the `qa` section)."""
 
     def __post_init__(self) -> None:
-        _check_choice("data.format", self.format, ("jsonl", "lavis", "msrvtt", "msvd", "vatex"))
+        _check_choice("data.format", self.format, DATA_FORMATS)
         _check_choice("data.task", self.task, ("caption", "qa"))
+        if isinstance(self.annotations, list):
+            if not all(isinstance(p, str) and p for p in self.annotations):
+                raise ConfigError(
+                    f"data.annotations must be a path or a list of paths, got {self.annotations!r}"
+                )
+            if len(self.annotations) == 1:
+                self.annotations = self.annotations[0]
+        elif not isinstance(self.annotations, str):
+            raise ConfigError(f"data.annotations must be a path or a list of paths, got {self.annotations!r}")
+        names = [s.name for s in self.train_sets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data.train_sets: names must be unique, got {names}")
+        if sum(1 for s in self.train_sets if s.pool) > 1:
+            raise ConfigError("data.train_sets: at most one set may have a pool to pseudo-label")
 
 
 @dataclass
 class DecodeConfig:
-    backend: str = "decord"
-    """Video decoder: `decord` (fast, unmaintained) or `pyav` (FFmpeg in the wheel, maintained)."""
+    backend: str = "pyav"
+    """Video decoder: `pyav` (exact on every file) or `decord` (where verified exact, else pyav, counted in `decode_fallbacks`)."""
     threads: int = 0
     """Decoder threads per video (0: the backend's automatic choice)."""
 
     def __post_init__(self) -> None:
-        _check_choice("decode.backend", self.backend, ("decord", "pyav"))
+        _check_choice("decode.backend", self.backend, ("pyav", "decord"))
 
 
 @dataclass
@@ -97,8 +176,8 @@ class ModelConfig:
     """BLIP-2 to start from: a Hugging Face hub id or a local folder."""
     num_frames: int = 8
     """Frames sampled per video (T)."""
-    image_size: int = 224
-    """Side of the square frames fed to the ViT."""
+    image_size: int = 0
+    """Side of the square frames fed to the ViT (0: the checkpoint's own, 224 for BLIP-2; larger interpolates positions)."""
     fusion: str = "concat"
     """How frame tokens reach the Q-Former: `concat` (T*L tokens) or `mean` (average over T)."""
     temporal_embeddings: bool = False
@@ -113,19 +192,31 @@ class ModelConfig:
     """LoRA dropout."""
     lora_target_modules: list[str] = field(default_factory=lambda: ["q", "v"])
     """Module names LoRA wraps (T5: `q`, `v`; OPT: `q_proj`, `v_proj`)."""
-    prompt: str = "a video of"
-    """Text prompt given to the language model."""
+    prompt: str | None = None
+    """Text prompt given to the language model (unset: the seed's, "a video of" for T5, "" for OPT and Vicuna)."""
+    qformer_text_input: bool = False
+    """InstructBLIP only: the Q-Former also reads the prompt's tokens (the seed: false)."""
     max_caption_tokens: int = 32
     """Caption length limit in tokens for training targets."""
     dtype: str = "auto"
     """Compute dtype: `auto` (bf16 autocast on CUDA, fp32 on CPU), `float32` or `bfloat16`."""
+    vit: str = "frozen"
+    """ViT training: `frozen` (what the feature cache stores) or `full` (paper Fig. 2a; needs `train.source: video`)."""
+    vit_lr_scale: float = 1.0
+    """Learning-rate multiplier of the ViT when `vit: full`."""
+    vit_grad_checkpointing: bool = True
+    """Recompute the trained ViT's activations in the backward pass (LAVIS `use_grad_checkpoint`): far less memory."""
 
     def __post_init__(self) -> None:
         _check_choice("model.fusion", self.fusion, ("concat", "mean"))
         _check_choice("model.llm", self.llm, ("frozen", "lora", "full"))
         _check_choice("model.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _check_choice("model.vit", self.vit, ("frozen", "full"))
         _check_positive("model.num_frames", self.num_frames)
-        _check_positive("model.image_size", self.image_size)
+        if self.image_size < 0:
+            raise ConfigError(
+                f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
+            )
 
 
 @dataclass
@@ -160,15 +251,29 @@ class ExtractConfig:
 
 
 @dataclass
-class TrainConfig:
-    source: str = "cache"
-    """Where frame tokens come from: `cache` (the Zarr store) or `video` (decode + ViT per step)."""
+class OptimArgs:
+    """How long and how a training stage optimises: one schema for `train` (CE) and `scst`.
+
+    The data plan of an epoch is every training video once (`captions: sample`) or every
+    (video, caption) pair (`all`); `max_steps` turns the epochs into an iteration budget.
+    """
+
+    SECTION: ClassVar[str] = "train"
+
     epochs: int = 5
-    """Passes over the training videos."""
+    """Passes over the training data, when `max_steps` is 0."""
+    max_steps: int = 0
+    """Optimiser steps in all (an iteration budget; the schedule follows it); 0: `epochs` decide."""
+    val_every: int = 0
+    """Validate and keep the best every N optimiser steps (an "inner epoch"); 0: after each epoch."""
+    captions: str = "sample"
+    """`sample`: one random reference per video per epoch; `all`: every (video, caption) pair."""
     batch_size: int = 8
-    """Global batch per optimiser step (divided across DDP ranks, times accumulation)."""
+    """Global batch per optimiser step: examples over all processes and accumulated micro-batches."""
+    gpu_batch: int = 0
+    """Examples per process per micro-step; accumulation = batch_size / (processes x gpu_batch). 0: use grad_accum."""
     grad_accum: int = 1
-    """Micro-batches accumulated per optimiser step."""
+    """Micro-batches accumulated per optimiser step, when `gpu_batch` is 0."""
     lr: float = 5e-5
     """Peak learning rate (after warmup)."""
     min_lr: float = 1e-5
@@ -178,51 +283,101 @@ class TrainConfig:
     warmup_steps: int = 1000
     """Linear warmup steps."""
     weight_decay: float = 0.05
-    """AdamW weight decay (not applied to biases, norms and embeddings)."""
-    temporal_lr_scale: float = 1.0
-    """Learning-rate multiplier of the temporal embeddings (new, zero-initialised; SCST uses it too)."""
+    """AdamW weight decay, on every trainable parameter of 2 or more dimensions except `no_decay`."""
+    no_decay: list[str] = field(default_factory=lambda: ["bias", "norm", "embed", "query_tokens"])
+    """Parameter-name fragments exempt from weight decay (LAVIS: `[bias, norm]`)."""
     grad_clip: float = 1.0
     """Max gradient norm (0: off)."""
-    captions: str = "sample"
-    """`sample`: one random reference per video per epoch; `all`: every (video, caption) pair."""
     checkpoint_every: int = 200
-    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
+    """Save a resumable checkpoint every N optimiser steps (and at each validation)."""
     log_every: int = 10
     """Log training metrics every N optimiser steps."""
+    select: str = "cider"
+    """Best checkpoint by `cider` (greedy CIDEr-D on val; cheap) or `beam_cider_bleu4` (eval's beams, CIDEr-D + BLEU-4: LAVIS)."""
+
+    def key(self, name: str) -> str:
+        """The dotted config key of field `name`, for messages."""
+        return f"{self.SECTION}.{name}"
+
+    def __post_init__(self) -> None:
+        _check_choice(self.key("captions"), self.captions, ("sample", "all"))
+        _check_choice(self.key("select"), self.select, ("cider", "beam_cider_bleu4"))
+        _check_positive(self.key("batch_size"), self.batch_size)
+        _check_positive(self.key("grad_accum"), self.grad_accum)
+        for name in ("epochs", "max_steps", "val_every", "gpu_batch", "warmup_steps"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{self.key(name)} must be >= 0, got {getattr(self, name)}")
+        if self.gpu_batch and self.grad_accum != 1:
+            raise ConfigError(
+                f"set {self.key('gpu_batch')} or {self.key('grad_accum')}, not both: "
+                "the accumulation follows from the global batch, the per-process batch and the processes"
+            )
+        if self.gpu_batch and self.batch_size % self.gpu_batch:
+            raise ConfigError(
+                f"{self.key('batch_size')} ({self.batch_size}) must be a multiple of "
+                f"{self.key('gpu_batch')} ({self.gpu_batch})"
+            )
+        if self.batch_size % self.grad_accum:
+            raise ConfigError(
+                f"{self.key('batch_size')} ({self.batch_size}) must be divisible by "
+                f"{self.key('grad_accum')} ({self.grad_accum})"
+            )
+
+    def accumulation(self, world_size: int) -> tuple[int, int]:
+        """(examples per process per micro-step, micro-steps per optimiser step) on `world_size` processes.
+
+        An error naming the keys when the global batch does not split evenly.
+        """
+        if self.gpu_batch:
+            per_step = world_size * self.gpu_batch
+            if self.batch_size % per_step:
+                raise ConfigError(
+                    f"{self.key('batch_size')} ({self.batch_size}) must be {self.key('gpu_batch')} "
+                    f"({self.gpu_batch}) x processes ({world_size}) x an accumulation: "
+                    f"{self.batch_size} / {per_step} is not whole; change one of them"
+                )
+            return self.gpu_batch, self.batch_size // per_step
+        parts = world_size * self.grad_accum
+        if self.batch_size % parts:
+            raise ConfigError(
+                f"{self.key('batch_size')} ({self.batch_size}) must be divisible by the number of processes "
+                f"WORLD_SIZE ({world_size}) x {self.key('grad_accum')} ({self.grad_accum})"
+            )
+        return self.batch_size // parts, self.grad_accum
+
+
+@dataclass
+class TrainConfig(OptimArgs):
+    source: str = "cache"
+    """Where frame tokens come from: `cache` (the Zarr store) or `video` (decode + ViT per step)."""
+    temporal_lr_scale: float = 1.0
+    """Learning-rate multiplier of the temporal embeddings (new, zero-initialised; SCST uses it too)."""
     val_max_videos: int = 0
     """Validate on at most N videos of the validation split (0: all)."""
     num_workers: int = 2
     """Data loader workers reading the cache (0: main process)."""
+    allow_no_validation: bool = False
+    """Train although no validation video is available (then `best/` is simply the last epoch's model)."""
+    allow_partial_cache: bool = False
+    """Train although videos of the train or validation split are still pending in the cache (not yet extracted)."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_choice("train.source", self.source, ("cache", "video"))
-        _check_choice("train.captions", self.captions, ("sample", "all"))
-        _check_positive("train.batch_size", self.batch_size)
-        _check_positive("train.grad_accum", self.grad_accum)
-        if self.batch_size % self.grad_accum:
-            raise ConfigError(
-                f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum ({self.grad_accum})"
-            )
 
 
 @dataclass
-class ScstConfig:
+class ScstConfig(OptimArgs):
+    SECTION: ClassVar[str] = "scst"
+
+    # SCST's own defaults for the shared fields (their help is `OptimArgs`'s)
     epochs: int = 1
-    """Passes over the training videos, when `max_steps` is 0."""
     max_steps: int = 20000
-    """Optimiser steps (the paper: 20k iterations); 0: `epochs` decide."""
     batch_size: int = 16
-    """Videos per optimiser step (global)."""
     lr: float = 1e-5
-    """Peak learning rate."""
     min_lr: float = 1e-6
-    """Learning rate at the end of the cosine decay."""
     warmup_steps: int = 0
-    """Linear warmup steps."""
-    weight_decay: float = 0.05
-    """AdamW weight decay."""
-    grad_clip: float = 1.0
-    """Max gradient norm (0: off)."""
+
     samples: int = 5
     """Sampled captions per video (k)."""
     baseline: str = "greedy"
@@ -235,12 +390,9 @@ class ScstConfig:
     """Nucleus sampling threshold (1.0: off); like top_k, not applied to the gradient."""
     max_new_tokens: int = 32
     """Length limit of sampled captions (at least `eval.min_new_tokens`, as in evaluation)."""
-    checkpoint_every: int = 200
-    """Save a resumable checkpoint every N optimiser steps (and at each epoch end)."""
-    log_every: int = 10
-    """Log metrics every N optimiser steps."""
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         _check_choice("scst.baseline", self.baseline, ("greedy", "mean"))
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("scst.baseline=mean needs scst.samples >= 2")
@@ -260,8 +412,8 @@ class EvalConfig:
     """Beam width."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the seed's min_length=5 as LAVIS counts it: T5 4, OPT/Vicuna 5)."""
     metrics: list[str] = field(default_factory=lambda: ["Bleu", "METEOR", "ROUGE_L", "CIDEr"])
     """coco-caption metrics to compute (`SPICE` too where it can run)."""
 
@@ -279,8 +431,8 @@ class CaptionConfig:
     """Beam width (1: greedy)."""
     max_new_tokens: int = 32
     """Maximum caption length in tokens."""
-    min_new_tokens: int = 5
-    """Minimum caption length in tokens."""
+    min_new_tokens: int | None = None
+    """Minimum caption length in new tokens (unset: the flavour's seed rule, as `eval.min_new_tokens`)."""
     workers: int = 0
     """Local Dask workers (0: in this process)."""
     scheduler: str = ""
@@ -334,6 +486,18 @@ class Config:
     caption: CaptionConfig = field(default_factory=CaptionConfig)
     qa: QaConfig = field(default_factory=QaConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
+    stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
+    """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
+
+    def __post_init__(self) -> None:
+        # The feature cache holds a frozen ViT's tokens: a trained ViT must see the frames.
+        if self.model.vit != "frozen":
+            for key, value in (("train.source", self.train.source), ("eval.source", self.eval.source)):
+                if value == "cache":
+                    raise ConfigError(
+                        f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
+                        f"frozen ViT from the feature cache; set {key}: video"
+                    )
 
     @property
     def output_dir(self) -> Path:
@@ -344,13 +508,56 @@ class Config:
         return Path(self.cache.path) if self.cache.path else self.output_dir / "extract" / "features.zarr"
 
     def stage_dir(self, stage: str) -> Path:
-        return self.output_dir / stage
+        return self.output_dir / self.stage_folders.get(stage, stage)
 
     def to_dict(self) -> dict[str, Any]:
         return {f.name: dataclasses.asdict(getattr(self, f.name)) for f in _sections()}
 
+    def with_absolute_paths(self) -> Config:
+        """This config with every file path absolute against the current directory, and a local
+        model folder absolute (a hub id stays as written).
+
+        What stages send to Dask workers: a worker started in another directory would resolve a
+        relative path against its own, and take a relative model folder for a hub id.
+        """
+        replace = dataclasses.replace
+        data = self.data
+        return replace(
+            self,
+            run=replace(self.run, output_dir=absolute_path(self.run.output_dir)),
+            data=replace(
+                data, annotations=absolute_paths(data.annotations), video_root=absolute_path(data.video_root)
+            ),
+            model=replace(self.model, pretrained=model_location(self.model.pretrained)),
+            cache=replace(self.cache, path=absolute_path(self.cache.path)),
+            caption=replace(
+                self.caption,
+                inputs=[absolute_path(i) for i in self.caption.inputs],
+                model=model_location(self.caption.model),
+                out=absolute_path(self.caption.out),
+            ),
+        )
+
+
+def absolute_path(path: str) -> str:
+    """`path` made absolute against the current directory (`~` expanded); "" stays ""."""
+    return str(Path(path).expanduser().absolute()) if path else path
+
+
+def absolute_paths(paths: str | list[str]) -> str | list[str]:
+    """`absolute_path` of one path or of each of a list."""
+    return [absolute_path(p) for p in paths] if isinstance(paths, list) else absolute_path(paths)
+
+
+def model_location(name: str) -> str:
+    """A model folder that exists here, as an absolute path; anything else (a hub id, "") as given."""
+    return absolute_path(name) if name and Path(name).expanduser().exists() else name
+
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
+# Named instances of those stages on a derived config, for the pseudo-labelling loop
+# (`run_pipeline.py`, `pipeline/mixture.py`): each writes its own folder and DONE.json.
+STAGE_INSTANCES = ("train_labelled", "pseudo_caption", "extract_sets")
 
 # Settings that change each stage's outputs. A stage's fingerprint also folds in the
 # fingerprints of the stages it reads from, so retraining invalidates evaluation.
@@ -358,6 +565,7 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     "extract": (
         "data.format",
         "data.annotations",
+        "data.annotations_split",
         "data.video_root",
         "data.video_ext",
         "data.max_videos",
@@ -379,18 +587,24 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "cache.train_views",
         "train.source",
         "train.epochs",
+        "train.max_steps",
+        "train.val_every",
         "train.batch_size",
+        "train.gpu_batch",
         "train.grad_accum",
         "train.lr",
         "train.min_lr",
         "train.warmup_lr",
         "train.warmup_steps",
         "train.weight_decay",
+        "train.no_decay",
         "train.temporal_lr_scale",
         "train.grad_clip",
         "train.captions",
         "train.val_max_videos",
-        "eval.max_new_tokens",  # validation captions (greedy) use eval's length limits
+        "train.select",
+        "eval.num_beams",  # validation with `train.select: beam_cider_bleu4` uses eval's beams
+        "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
         "qa",
@@ -427,7 +641,7 @@ def _yaml() -> Any:
 
 
 def _sections() -> tuple[dataclasses.Field, ...]:
-    return tuple(f for f in dataclasses.fields(Config) if f.name != "source")
+    return tuple(f for f in dataclasses.fields(Config) if f.name not in ("source", "stage_folders"))
 
 
 # ---------------------------------------------------------------------------------------
@@ -497,6 +711,8 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     origin = typing.get_origin(hint)
     if origin in (list, tuple):
         (item,) = typing.get_args(hint)[:1]
+        if dataclasses.is_dataclass(item) and isinstance(value, list):
+            return [_coerce(v, item, f"{key}[{i}]", source) for i, v in enumerate(value)]
         if isinstance(value, str):
             value = [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
@@ -504,6 +720,12 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
         return [_coerce(v, item, key, source) for v in value]
     if origin in (typing.Union, types.UnionType):
         return value
+    if dataclasses.is_dataclass(hint):  # a nested mapping: data.train_sets[i], its filter
+        if isinstance(value, hint):
+            return value
+        if not isinstance(value, dict):
+            raise ConfigError(f"{source}: {key} must be a mapping, got {value!r}")
+        return _build_section(hint, key, value, source)
     if hint is bool:
         if isinstance(value, bool):
             return value
@@ -579,7 +801,19 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
         settings = {k: v for k, v in settings.items() if not k.startswith(QA_KEYS)}
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
+    if stage == "train":  # the mixture's annotations are read by content (pseudo-labels get rewritten)
+        for train_set in config.data.train_sets:
+            if train_set.annotations and Path(train_set.annotations).is_file():
+                settings[f"<{train_set.name} annotations>"] = _file_digest(Path(train_set.annotations))
     return settings
+
+
+def _file_digest(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:16]
 
 
 def stage_fingerprint(config: Config, stage: str) -> str:
@@ -615,11 +849,11 @@ def _field_docs(cls: type) -> dict[str, str]:
     import ast  # deferred with inspect: only `config-reference` reads the schema's source
     import inspect
 
-    tree = ast.parse(inspect.getsource(cls).lstrip())
-    body = tree.body[0].body
     docs = {}
-    for node, following in zip(body, body[1:], strict=False):
-        is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
-        if isinstance(node, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
-            docs[node.target.id] = following.value.value.strip().splitlines()[0]
+    for klass in reversed([k for k in cls.__mro__ if dataclasses.is_dataclass(k)]):  # a base's help first
+        body = ast.parse(inspect.getsource(klass).lstrip()).body[0].body
+        for node, following in zip(body, body[1:], strict=False):
+            is_doc = isinstance(following, ast.Expr) and isinstance(following.value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and is_doc and isinstance(following.value.value, str):
+                docs[node.target.id] = following.value.value.strip().splitlines()[0]
     return docs

@@ -14,7 +14,7 @@ two halves so that data-loader workers can do the slow part:
 
 The training data of one epoch is a fixed *plan*: a list of `(video_id, view, caption)`
 drawn from `(run.seed, epoch)` only, so a resumed run sees exactly the batches an
-uninterrupted one would. Every optimiser step consumes one global batch of the plan; rank r
+uninterrupted one would; each read of a video takes its next view. Every optimiser step consumes one global batch of the plan; rank r
 of w takes its contiguous 1/w share, split into `grad_accum` micro-batches.
 """
 
@@ -31,6 +31,7 @@ import torch
 
 from cache.store import FeatureStore, StoreError
 from pipeline.annotations import VideoRecord
+from pipeline.features import check_store_fingerprint
 from pipeline.sampling import normalize_frames
 from pipeline.text import clean_caption
 from pipeline.video import VideoDecodeError, load_clip
@@ -61,6 +62,7 @@ class CacheSource:
     """Frame tokens read from the Zarr feature cache written by `extract`."""
 
     needs_vision = False
+    fresh_views = False  # training cycles through the stored views
 
     def __init__(self, store: Any):
         self.store = store
@@ -153,11 +155,12 @@ class VideoSource:
     ):
         self.model = model
         self.num_views = num_views
+        self.fresh_views = num_views > 1  # every read of a video draws a new augmentation
         self.num_frames = model_cfg.num_frames
         self.reader = ClipReader(
             {r.video_id: r.path for r in records},
             model_cfg.num_frames,
-            model_cfg.image_size,
+            model.image_size,  # model.image_size 0 resolved: the checkpoint's own
             seed,
             decode_cfg.backend,
             decode_cfg.threads,
@@ -166,8 +169,8 @@ class VideoSource:
     def available(self, video_ids: Sequence[str]) -> list[str]:
         return [v for v in video_ids if v in self.reader.paths]
 
-    @torch.no_grad()
     def encode(self, loaded: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+        # No gradient unless the model trains its ViT (`model.vit: full`, in train mode).
         return self.model.encode_frames(loaded.to(device, non_blocking=True)).float()  # (B, T, L, D)
 
     def frame_tokens(
@@ -191,7 +194,7 @@ def make_source(
             num_views=1 + config.cache.train_views,
         )
 
-    store = FeatureStore.open(config.cache_path)  # its fingerprint was checked by `extract`
+    store = FeatureStore.open(config.cache_path)
     _, views, frames, length, width = store.shape
     expected = {"frames": config.model.num_frames, "views": 1 + config.cache.train_views}
     if model is not None:
@@ -203,6 +206,9 @@ def make_source(
             f"the feature cache {config.cache_path} does not match this config (model.num_frames, "
             f"cache.train_views, model.image_size, model.pretrained):\n  " + "\n  ".join(wrong)
         )
+    # The tokens must be this model's ViT's, with these frames and sampling, as `extract` checks.
+    pretrained = model.pretrained if model is not None else config.model.pretrained
+    check_store_fingerprint(store, config, pretrained, model.cfg if model is not None else config.model)
     return CacheSource(store)
 
 
@@ -253,9 +259,14 @@ class TrainPlan:
     """The training examples of every epoch, a pure function of (seed, epoch).
 
     `captions="sample"`: each video once per epoch with one random cleaned reference;
-    `"all"`: every (video, reference) pair. The view is random in 1..V-1 when the source has
-    augmented views, else 0. An epoch is padded by wrapping around to whole global batches, so
-    every rank runs the same number of steps.
+    `"all"`: every (video, reference) pair. An epoch is padded by wrapping around to whole
+    global batches, so every rank runs the same number of steps.
+
+    Views: each read of a video (the k-th in the run, counted over epochs) takes the next
+    training view of that video, from a random starting view. From the cache (`fresh_views`
+    False) this cycles through the V-1 stored views; from video (`fresh_views` True) read k draws
+    view `1 + start + k`, a new head-tail sample, crop and flip every time (`view_rng(seed, video,
+    view)`), whose first draws are the cached views. Without augmented views (V = 1): view 0.
     """
 
     def __init__(
@@ -265,31 +276,46 @@ class TrainPlan:
         captions: str = "sample",
         num_views: int = 1,
         global_batch: int = 1,
+        fresh_views: bool = False,
     ):
-        self.videos = [(r.video_id, [c for c in map(clean_caption, r.captions) if c]) for r in records]
-        self.videos = [(v, caps) for v, caps in self.videos if caps]
+        self.videos = self.video_targets(records)
         if not self.videos:
             raise ValueError("no training video has a reference caption")
         self.seed, self.captions, self.num_views, self.global_batch = seed, captions, num_views, global_batch
+        self.fresh_views = fresh_views
         pairs = sum(len(c) for _, c in self.videos) if captions == "all" else len(self.videos)
         self.examples_per_epoch = pairs
         self.steps_per_epoch = math.ceil(pairs / global_batch)
+        stored = max(num_views - 1, 1)
+        self._first_view = np.random.default_rng([seed, 1 << 20]).integers(stored, size=len(self.videos))
+
+    def video_targets(self, records: Sequence[Any]) -> list[tuple[str, list[Any]]]:
+        """`(video_id, [targets])` of every video with a target: its cleaned captions (subclasses: others)."""
+        videos = [(r.video_id, [c for c in map(clean_caption, r.captions) if c]) for r in records]
+        return [(v, caps) for v, caps in videos if caps]
 
     def epoch(self, epoch: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, epoch])
         if self.captions == "all":
-            items = [(v, c) for v, caps in self.videos for c in caps]
+            items = [(i, c) for i, (_, caps) in enumerate(self.videos) for c in caps]
         else:
-            items = [(v, caps[rng.integers(len(caps))]) for v, caps in self.videos]
-        order = rng.permutation(len(items))
-        views = (
-            rng.integers(1, self.num_views, size=len(items))
-            if self.num_views > 1
-            else np.zeros(len(items), int)
-        )
-        examples = [self.example(items[i][0], int(views[i]), items[i][1]) for i in order]
+            items = [(i, caps[rng.integers(len(caps))]) for i, (_, caps) in enumerate(self.videos)]
+        reads: dict[int, int] = {}
+        examples = []
+        for j in rng.permutation(len(items)):
+            video, caption = items[j]
+            read = reads[video] = reads.get(video, -1) + 1
+            examples.append(self.example(self.videos[video][0], self.view(video, epoch, read), caption))
         total = self.steps_per_epoch * self.global_batch
         return [examples[i % len(examples)] for i in range(total)]
+
+    def view(self, video: int, epoch: int, read: int) -> int:
+        """The view of the `read`-th reading of video number `video` in `epoch`."""
+        if self.num_views <= 1:
+            return 0
+        per_epoch = len(self.videos[video][1]) if self.captions == "all" else 1
+        draw = int(self._first_view[video]) + epoch * per_epoch + read
+        return 1 + draw if self.fresh_views else 1 + draw % (self.num_views - 1)
 
     def example(self, video_id: str, view: int, target: Any) -> Example:
         """One plan entry from a video's target (a caption here; subclasses hold other targets)."""

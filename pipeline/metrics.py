@@ -32,7 +32,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer import ptbtokenizer
 
 from pipeline.cider import CiderD
-from pipeline.errors import JavaNotFoundError
+from pipeline.errors import AnnotationError, JavaNotFoundError
 from pipeline.text import sanitize_caption
 
 log = logging.getLogger(__name__)
@@ -236,18 +236,20 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise ValueError(
+            raise AnnotationError(
                 f"{path}: line {line_no} is not JSON ({err.msg}); expected COCO JSON or JSONL"
             ) from None
         if not isinstance(row, dict) or "video_id" not in row:
-            raise ValueError(f"{path}: line {line_no}: expected an object with 'video_id' and 'captions'")
+            raise AnnotationError(
+                f"{path}: line {line_no}: expected an object with 'video_id' and 'captions'"
+            )
         captions = row.get("captions") or []
         if not isinstance(captions, list) or not all(isinstance(c, str) for c in captions):
-            raise ValueError(f"{path}: line {line_no}: 'captions' must be a list of strings")
+            raise AnnotationError(f"{path}: line {line_no}: 'captions' must be a list of strings")
         if captions:
             refs.setdefault(str(row["video_id"]), []).extend(captions)
     if not refs:
-        raise ValueError(f"{path}: no reference captions found")
+        raise AnnotationError(f"{path}: no reference captions found")
     return refs
 
 
@@ -257,24 +259,24 @@ def load_results(path: str | Path) -> dict[str, str]:
     try:
         rows = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise AnnotationError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a JSON list of {{'image_id' or 'video_id', 'caption'}}")
+        raise AnnotationError(f"{path}: expected a JSON list of {{'image_id' or 'video_id', 'caption'}}")
     res: dict[str, str] = {}
     for i, row in enumerate(rows):
         video_id, caption = _fields(path, f"record {i}", row, ("image_id", "video_id"), "caption")
         if video_id in res:
-            raise ValueError(f"{path}: record {i}: second caption for {video_id!r}")
+            raise AnnotationError(f"{path}: record {i}: second caption for {video_id!r}")
         res[video_id] = caption
     return res
 
 
 def _fields(path: Path, where: str, row: object, id_keys: tuple[str, ...], text_key: str) -> tuple[str, str]:
     if not isinstance(row, dict):
-        raise ValueError(f"{path}: {where}: expected an object, got {type(row).__name__}")
+        raise AnnotationError(f"{path}: {where}: expected an object, got {type(row).__name__}")
     id_key = next((k for k in id_keys if k in row), None)
     if id_key is None or not isinstance(row.get(text_key), str):
-        raise ValueError(
+        raise AnnotationError(
             f"{path}: {where}: needs {' or '.join(map(repr, id_keys))} and a string {text_key!r}: {row}"
         )
     return str(row[id_key]), row[text_key]
@@ -293,7 +295,7 @@ def score_files(
     gts, res = load_references(gts_path), load_results(res_path)
     missing = [v for v in res if v not in gts]
     if missing:
-        raise ValueError(
+        raise AnnotationError(
             f"{res_path}: {len(missing)} result ids have no references in {gts_path}: {missing[:10]}"
             + (" ..." if len(missing) > 10 else "")
         )

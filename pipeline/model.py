@@ -5,11 +5,13 @@
         -> Q-Former (Q learned queries cross-attend to all fused tokens) -> (B, Q, 768)
         -> language_projection -> (B, Q, H) -> language model with the prompt -> caption
 
-Everything is a submodule of transformers' `Blip2ForConditionalGeneration`; this file only
-adds frame fusion, temporal embeddings, LoRA, and calls the language model directly with
-`inputs_embeds` (bypassing transformers 5's image-placeholder-token mechanism). Every detail
-that depends on the LM flavour (T5 encoder-decoder vs OPT decoder-only) or on the transformers
-version lives in one section below, "Flavour- and version-sensitive details".
+Everything is a submodule of transformers' `Blip2ForConditionalGeneration` (or, for an
+InstructBLIP checkpoint, `InstructBlipForConditionalGeneration`: same children, a Q-Former that
+can also read the instruction); this file only adds frame fusion, temporal embeddings, LoRA, and
+calls the language model directly with `inputs_embeds` (bypassing transformers 5's
+image-placeholder-token mechanism). What differs between language models is data in
+`pipeline.flavours.FLAVOURS` (one row per LM: T5, OPT, LLaMA/Vicuna); the code that applies it and
+every transformers-version detail live in one section below, "Flavour- and version-sensitive details".
 
 Export format (`save_trained` / `from_trained`), one folder:
 * `video_model.json`: the base `pretrained` reference and every `ModelConfig` setting;
@@ -34,27 +36,22 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
-from transformers import AutoTokenizer, Blip2ForConditionalGeneration, GenerationConfig
+from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
 from pipeline.config import ModelConfig
-from pipeline.vision import autocast, compute_dtype, run_vit, tokens_per_frame
+from pipeline.flavours import FLAVOURS, Flavour, flavour_of  # noqa: F401 (FLAVOURS, Flavour: re-exported)
+from pipeline.vision import ARCHITECTURES, architecture, autocast, compute_dtype, run_vit, tokens_per_frame
 
 EXPORT_FILE = "video_model.json"
 TRAINED_WEIGHTS = "trained.safetensors"
 LORA_DIR = "lora"
+QFORMER_TOKENIZER_DIR = "qformer_tokenizer"
 EXPORT_FORMAT = 1
 
 
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a model vidcap wrote (`save_trained`: a checkpoint's best/ or an export)."""
     return (Path(folder) / EXPORT_FILE).is_file()
-
-
-# ModelConfig's LoRA targets are written T5-style (`q`, `v`) by default; OPT names the same
-# projections `q_proj`, `v_proj`, `k_proj`, `out_proj`. Names are mapped to the flavour at hand;
-# names not in these tables are used as given.
-_OPT_LORA_NAMES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "out_proj"}
-_T5_LORA_NAMES = {v: k for k, v in _OPT_LORA_NAMES.items()}
 
 
 @dataclass
@@ -72,12 +69,13 @@ class VideoCaptioner(nn.Module):
 
     def __init__(
         self,
-        blip: Blip2ForConditionalGeneration,
+        blip: PreTrainedModel,
         tokenizer: Any,
         model_cfg: ModelConfig,
         pretrained: str,
         device: torch.device,
         adapter_dir: Path | None = None,
+        qformer_tokenizer: Any = None,
     ) -> None:
         super().__init__()
         config = blip.config
@@ -85,22 +83,36 @@ class VideoCaptioner(nn.Module):
         self.pretrained = str(pretrained)
         self.blip = blip
         self.tokenizer = tokenizer
-        self.decoder_only = bool(config.use_decoder_only_language_model)
+        self.qformer_tokenizer = qformer_tokenizer  # InstructBLIP's BERT tokenizer (qformer_text_input)
+        self.flavour = flavour_of(config.text_config.model_type)
+        self.decoder_only = self.flavour.decoder_only
+        self.prompt = self.flavour.seed_prompt if model_cfg.prompt is None else model_cfg.prompt
         self.num_query_tokens = config.num_query_tokens
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
-        self.tokens_per_frame = tokens_per_frame(model_cfg.image_size, self.patch_size)
+        self.image_size = model_cfg.image_size or config.vision_config.image_size  # 0: the checkpoint's own
+        self.tokens_per_frame = tokens_per_frame(self.image_size, self.patch_size)
         self.compute_dtype = compute_dtype(model_cfg, device)
         self.temporal_embeddings = (
             nn.Parameter(torch.zeros(model_cfg.num_frames, self.vision_width))
             if model_cfg.temporal_embeddings
             else None
         )  # (T, D), zero so the pretrained model is unchanged at step 0
+        self.vit_trainable = model_cfg.vit != "frozen"
+        if self.vit_trainable and blip.vision_model is None:
+            raise ValueError(
+                f"model.vit: {model_cfg.vit}: this model trains its ViT, so it reads frames, not cached "
+                "tokens (load it with its ViT: load_vision=True, train.source / eval.source: video)"
+            )
         self._prepare_tokens()
         self._place(device)
         if model_cfg.llm == "lora":
             self._add_lora(adapter_dir)
         self._set_trainable()
+        if self.vit_trainable and model_cfg.vit_grad_checkpointing:  # active in train mode only
+            blip.vision_model.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False}
+            )
         self.train(False)
 
     # -----------------------------------------------------------------------------------
@@ -130,13 +142,24 @@ class VideoCaptioner(nn.Module):
         # A local folder is recorded as an absolute path, so exports load from any directory.
         if Path(pretrained).is_dir():
             pretrained = Path(pretrained).resolve()
+        arch = architecture(pretrained)
+        if model_cfg.qformer_text_input and not arch.qformer_takes_text:
+            raise ValueError(
+                f"model.qformer_text_input: true needs an InstructBLIP checkpoint; {pretrained} is BLIP-2, "
+                "whose Q-Former reads no text"
+            )
         # fp32 weights are loaded exactly; frozen parts are cast down later (`_place`).
-        blip = Blip2ForConditionalGeneration.from_pretrained(str(pretrained), dtype=torch.float32)
+        blip = arch.model.from_pretrained(str(pretrained), dtype=torch.float32)
         if not load_vision:
             blip.vision_model = None  # training from the cache never needs the ViT
         tokenizer = AutoTokenizer.from_pretrained(str(pretrained))
+        qformer_tokenizer = (  # saved by InstructBlipProcessor beside the LM's tokenizer
+            AutoTokenizer.from_pretrained(str(pretrained), subfolder=QFORMER_TOKENIZER_DIR)
+            if model_cfg.qformer_text_input
+            else None
+        )
         device = torch.device(device or "cpu")
-        return cls(blip, tokenizer, model_cfg, str(pretrained), device, adapter_dir)
+        return cls(blip, tokenizer, model_cfg, str(pretrained), device, adapter_dir, qformer_tokenizer)
 
     @property
     def device(self) -> torch.device:
@@ -155,8 +178,7 @@ class VideoCaptioner(nn.Module):
         if adapter_dir is not None:
             self.blip.language_model = PeftModel.from_pretrained(lm, str(adapter_dir), is_trainable=True)
             return
-        names = _T5_LORA_NAMES if not self.decoder_only else _OPT_LORA_NAMES
-        targets = sorted({names.get(t, t) for t in self.cfg.lora_target_modules})
+        targets = sorted({self.flavour.lora_names.get(t, t) for t in self.cfg.lora_target_modules})
         present = {name.rsplit(".", 1)[-1] for name, _ in lm.named_modules()}
         missing = [t for t in targets if t not in present]
         if missing:
@@ -170,8 +192,11 @@ class VideoCaptioner(nn.Module):
         self.blip.language_model = get_peft_model(lm, lora)
 
     def _set_trainable(self) -> None:
-        """Q-Former, query tokens, projection, temporal embeddings; plus LoRA or the whole LLM."""
+        """Q-Former, query tokens, projection, temporal embeddings; plus LoRA or the whole LLM, and
+        the ViT when `model.vit: full`."""
         self.requires_grad_(False)
+        if self.vit_trainable:
+            self.blip.vision_model.requires_grad_(True)
         self.blip.qformer.requires_grad_(True)
         self.blip.query_tokens.requires_grad_(True)
         self.blip.language_projection.requires_grad_(True)
@@ -185,9 +210,14 @@ class VideoCaptioner(nn.Module):
 
     def train(self, mode: bool = True) -> VideoCaptioner:
         super().train(mode)
-        if self.blip.vision_model is not None:
+        if self.blip.vision_model is not None and not self.vit_trainable:
             self.blip.vision_model.eval()  # frozen, always in eval mode
         return self
+
+    @property
+    def lr_scales(self) -> dict[str, float]:
+        """Learning-rate multipliers by parameter-name fragment (`build_optimizer` applies them)."""
+        return {"blip.vision_model.": self.cfg.vit_lr_scale} if self.vit_trainable else {}
 
     # -----------------------------------------------------------------------------------
     # Frames -> query outputs
@@ -198,7 +228,8 @@ class VideoCaptioner(nn.Module):
         vit = self.blip.vision_model
         if vit is None:
             raise RuntimeError("this VideoCaptioner was loaded with load_vision=False: it has no ViT")
-        return run_vit(vit, pixel_values, self.blip.config.vision_config.image_size, self.compute_dtype)
+        grad = self.vit_trainable and self.training  # a trained ViT in training: tokens with gradient
+        return run_vit(vit, pixel_values, self.blip.config.vision_config.image_size, self.compute_dtype, grad)
 
     def fuse_frame_tokens(self, frame_tokens: Tensor) -> Tensor:
         """(B, T, L, D) -> (B, T*L, D) with frame 0 first (concat) or (B, L, D) (mean)."""
@@ -206,7 +237,7 @@ class VideoCaptioner(nn.Module):
         if width != self.vision_width or length != self.tokens_per_frame:
             raise ValueError(
                 f"frame tokens have L={length}, D={width}; this model expects L={self.tokens_per_frame} "
-                f"(image_size {self.cfg.image_size}, patch {self.patch_size}) and D={self.vision_width}"
+                f"(image_size {self.image_size}, patch {self.patch_size}) and D={self.vision_width}"
             )
         x = frame_tokens.to(self.device, torch.float32)  # the cache is float16; the Q-Former is fp32
         if self.temporal_embeddings is not None:
@@ -224,11 +255,10 @@ class VideoCaptioner(nn.Module):
         visual = self.fuse_frame_tokens(frame_tokens)  # (B, N, D)
         mask = torch.ones(visual.shape[:2], dtype=torch.long, device=visual.device)  # no padding among frames
         queries = self.blip.query_tokens.expand(visual.shape[0], -1, -1)  # (B, Q, 768)
+        # The Q-Former runs in fp32 (transformers keeps it fp32 too); the projection feeds the LLM.
+        out = self._run_qformer(queries, visual, mask)  # (B, Q, 768)
         with self._autocast():
-            out = self.blip.qformer(
-                query_embeds=queries, encoder_hidden_states=visual, encoder_attention_mask=mask
-            )
-            return self.blip.language_projection(out.last_hidden_state)  # (B, Q, H)
+            return self.blip.language_projection(out)  # (B, Q, H)
 
     # -----------------------------------------------------------------------------------
     # Objectives and decoding
@@ -254,7 +284,7 @@ class VideoCaptioner(nn.Module):
 
         `prompts`: one prompt per video (e.g. a question) instead of `model.prompt` for all.
         """
-        ids, mask = self._tokenize_captions(captions)
+        ids, mask = self._tokenize_captions(captions, prompted=all(prompts) if prompts is not None else None)
         logp = self._caption_token_logprobs(self.query_outputs(frame_tokens), ids, mask, prompts=prompts)
         return -(logp * mask).sum() / mask.sum()  # logp (B, N)
 
@@ -264,7 +294,7 @@ class VideoCaptioner(nn.Module):
         token_ids: Tensor,
         repeats: int = 1,
         temperature: float = 1.0,
-        min_new_tokens: int = 0,
+        min_new_tokens: int | None = 0,
         prompts: list[str] | None = None,
     ) -> Tensor:
         """(B*repeats,) summed log-probs of each caption's tokens through its first EOS, with grad.
@@ -272,15 +302,17 @@ class VideoCaptioner(nn.Module):
         `token_ids` (B*repeats, S) as `generate` returns them, video-major (`repeats` samples per
         video); queries are computed once per video and expanded. `temperature` and
         `min_new_tokens` apply what `generate` sampled with (logits / temperature; no EOS before
-        `min_new_tokens`), so the log-probs are those of the distribution that drew the samples.
-        `prompts`: one per video (B,), as given to `generate`.
+        `min_new_tokens`, None: the flavour's seed rule), so the log-probs are those of the
+        distribution that drew the samples. `prompts`: one per video (B,), as given to `generate`.
         """
         queries = self.query_outputs(frame_tokens).repeat_interleave(repeats, dim=0)  # (B*k, Q, H)
         if prompts is not None:
             prompts = [p for p in prompts for _ in range(repeats)]
         ids = token_ids.to(self.device)
-        mask = _through_first(ids, self.tokenizer.eos_token_id)
-        logp = self._caption_token_logprobs(queries, ids, mask, temperature, min_new_tokens, prompts)
+        mask = _through_first(ids, self.eos_token_id)
+        logp = self._caption_token_logprobs(
+            queries, ids, mask, temperature, self.min_new_tokens(min_new_tokens), prompts
+        )
         return (logp * mask).sum(dim=1)
 
     @torch.no_grad()
@@ -289,7 +321,7 @@ class VideoCaptioner(nn.Module):
         frame_tokens: Tensor,
         num_beams: int = 5,
         max_new_tokens: int = 32,
-        min_new_tokens: int = 5,
+        min_new_tokens: int | None = None,
         do_sample: bool = False,
         temperature: float = 1.0,
         top_k: int = 0,
@@ -301,6 +333,7 @@ class VideoCaptioner(nn.Module):
     ) -> GenerationOutput:
         """Captions for each video: beam search, greedy (`num_beams=1`) or sampling (`do_sample=True`).
 
+        `min_new_tokens=None`: the seed's minimum length for this flavour (`min_new_tokens`).
         `prompts`: one per video (a question) instead of `model.prompt`; `length_penalty` as in
         transformers' beam search (negative: shorter answers).
         """
@@ -310,7 +343,7 @@ class VideoCaptioner(nn.Module):
         config = GenerationConfig(
             num_beams=num_beams,
             max_new_tokens=max_new_tokens,
-            min_new_tokens=min_new_tokens,
+            min_new_tokens=self.min_new_tokens(min_new_tokens),
             do_sample=do_sample,
             num_return_sequences=num_return_sequences,
             return_dict_in_generate=True,
@@ -322,7 +355,7 @@ class VideoCaptioner(nn.Module):
         ids = out.sequences
         if not self.decoder_only:
             ids = ids[:, 1:]  # drop the decoder start token
-        mask = _through_first(ids, self.tokenizer.eos_token_id)
+        mask = _through_first(ids, self.eos_token_id)
         ids = ids.masked_fill(~mask, self.tokenizer.pad_token_id)
         texts = [t.strip() for t in self.tokenizer.batch_decode(ids, skip_special_tokens=True)]
         logprobs = None
@@ -337,6 +370,31 @@ class VideoCaptioner(nn.Module):
     # padding, dtype rules. Checked against the plain transformers forward in the tests.
     # -----------------------------------------------------------------------------------
 
+    def min_new_tokens(self, requested: int | None) -> int:
+        """`requested`, or when None the seed's rule for this flavour (T5 4, decoder-only 5)."""
+        return self.flavour.seed_min_new_tokens if requested is None else int(requested)
+
+    def _run_qformer(self, queries: Tensor, visual: Tensor, mask: Tensor) -> Tensor:
+        """(B, Q, 768) queries cross-attending to (B, N, D) visual tokens -> (B, Q, 768), fp32."""
+        if self.qformer_prompt_ids is None:
+            kwargs = {"input_ids": None} if self.qformer_takes_text else {}  # InstructBLIP: no text
+            out = self.blip.qformer(
+                query_embeds=queries, encoder_hidden_states=visual, encoder_attention_mask=mask, **kwargs
+            )
+            return out.last_hidden_state
+        # InstructBLIP with `qformer_text_input`: the queries also attend to the prompt's tokens.
+        b, q = queries.shape[:2]
+        text = self.qformer_prompt_ids[None].expand(b, -1)  # (B, P')
+        attention = torch.ones((b, q + text.shape[1]), dtype=torch.long, device=text.device)
+        out = self.blip.qformer(
+            input_ids=text,
+            attention_mask=attention,
+            query_embeds=queries,
+            encoder_hidden_states=visual,
+            encoder_attention_mask=mask,
+        )
+        return out.last_hidden_state[:, :q]  # the query positions only
+
     def _prepare_tokens(self) -> None:
         tok = self.tokenizer
         if tok.pad_token_id is None:  # e.g. LLaMA-style tokenizers; masked out everywhere anyway
@@ -345,20 +403,51 @@ class VideoCaptioner(nn.Module):
         # count); per-video prompts (questions) are padded left, between queries and prompt.
         tok.padding_side = "left" if self.decoder_only else "right"
         # The prompt is tokenised with the tokenizer's own special tokens, as the BLIP-2
-        # processor and LAVIS do: T5 "a video of</s>", OPT "</s>a video of".
-        prompt = tok(self.cfg.prompt, add_special_tokens=True).input_ids
+        # processor and LAVIS do: T5 "a video of</s>", OPT "</s>a video of", LLaMA "<s>...".
+        prompt = tok(self.prompt, add_special_tokens=True).input_ids
         self.register_buffer("prompt_ids", torch.tensor(prompt, dtype=torch.long), persistent=False)
         lm_config = self.blip.config.text_config
         self.decoder_start_token_id = None if self.decoder_only else lm_config.decoder_start_token_id
+        self.eos_token_id = self._terminator_id()
+        self.qformer_takes_text = ARCHITECTURES[self.blip.config.model_type].qformer_takes_text
+        if not self.cfg.qformer_text_input:
+            self.qformer_prompt_ids = None
+            return
+        if not self.qformer_takes_text or self.qformer_tokenizer is None:
+            raise ValueError(
+                "model.qformer_text_input: true needs an InstructBLIP checkpoint with a qformer_tokenizer/ "
+                "folder (BLIP-2's Q-Former reads no text)"
+            )
+        ids = self.qformer_tokenizer(
+            self.prompt, add_special_tokens=True
+        ).input_ids  # LAVIS: BERT [CLS] ... [SEP]
+        self.register_buffer("qformer_prompt_ids", torch.tensor(ids, dtype=torch.long), persistent=False)
 
-    def _tokenize_captions(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """Captions -> ids (B, N) = at most max_caption_tokens-1 tokens + EOS, right-padded; mask (B, N)."""
-        # Decoder-only BPE tokenizers (OPT/GPT-2) mark word starts with a space: the caption
-        # follows the prompt, so it starts with one. Whitespace-split tokenizers ignore it.
-        texts = [(" " + c) if self.decoder_only else c for c in captions]
+    def _terminator_id(self) -> int:
+        """The id that ends targets and generation: the flavour's terminator ("\\n" for OPT) or EOS."""
+        if self.flavour.terminator is None:
+            return self.tokenizer.eos_token_id
+        ids = self.tokenizer(self.flavour.terminator, add_special_tokens=False).input_ids
+        if len(ids) != 1:
+            raise ValueError(
+                f"the {self.flavour.name} tokenizer encodes the terminator {self.flavour.terminator!r} as "
+                f"{ids}, not one token"
+            )
+        return ids[0]
+
+    def _tokenize_captions(self, captions: list[str], prompted: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Captions -> ids (B, N) = at most max_caption_tokens-1 tokens + terminator, right-padded; mask (B, N).
+
+        `prompted`: whether a non-empty prompt precedes the captions (None: `model.prompt` does).
+        """
+        # Byte-level BPE tokenizers (OPT/GPT-2) mark word starts with a space: a caption after a
+        # non-empty prompt starts with one; after "" it does not (LAVIS: "</s>a man ...\n").
+        # Whitespace-split tokenizers ignore it.
+        space = self.flavour.space_before_caption and (bool(self.prompt) if prompted is None else prompted)
+        texts = [(" " + c) if space else c for c in captions]
         limit = max(self.cfg.max_caption_tokens - 1, 0)
         rows = [
-            ids[:limit] + [self.tokenizer.eos_token_id]
+            ids[:limit] + [self.eos_token_id]
             for ids in self.tokenizer(texts, add_special_tokens=False).input_ids
         ]
         width = max(len(r) for r in rows)
@@ -421,7 +510,7 @@ class VideoCaptioner(nn.Module):
         logits = logits.float() / temperature  # (B, N, V), fp32
         if min_new_tokens > 0:  # as generate's min-length processor: EOS impossible before then
             early = torch.zeros_like(logits, dtype=torch.bool)
-            early[:, :min_new_tokens, self.tokenizer.eos_token_id] = True
+            early[:, :min_new_tokens, self.eos_token_id] = True
             logits = logits.masked_fill(early, -1e9)  # finite: masked-out positions stay 0 * finite
         return -nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
 
@@ -431,7 +520,7 @@ class VideoCaptioner(nn.Module):
         T5: the embeddings are the encoder input; sequences start with the decoder start token.
         Decoder-only: given `inputs_embeds` and no `input_ids`, sequences hold only new tokens.
         """
-        config.eos_token_id = self.tokenizer.eos_token_id
+        config.eos_token_id = self.eos_token_id  # OPT: "\n", as BLIP-2/LAVIS generate
         config.pad_token_id = self.tokenizer.pad_token_id
         if not self.decoder_only:
             config.decoder_start_token_id = self.decoder_start_token_id
@@ -442,13 +531,11 @@ class VideoCaptioner(nn.Module):
 
     def _place(self, device: torch.device) -> None:
         """dtype rules: trainable parts (Q-Former, queries, projection, temporal, LLM when full)
-        keep fp32 master weights; with bf16 compute the frozen ViT and LLM are stored in bf16 and
-        everything runs under bf16 autocast (never fp16: T5 overflows in fp16)."""
-        if self.compute_dtype == torch.bfloat16:
-            if self.blip.vision_model is not None:
-                self.blip.vision_model.to(torch.bfloat16)
-            if self.cfg.llm != "full":
-                self.blip.language_model.to(torch.bfloat16)  # LoRA weights added later stay fp32 (peft)
+        keep fp32 master weights; the Q-Former runs in fp32. With bf16 compute the frozen LLM is
+        stored in bf16 and runs under bf16 autocast (never fp16: T5 overflows in fp16); the ViT keeps
+        fp32 weights under bf16 autocast (`pipeline.vision`'s precision rule, measured)."""
+        if self.compute_dtype == torch.bfloat16 and self.cfg.llm != "full":
+            self.blip.language_model.to(torch.bfloat16)  # LoRA weights added later stay fp32 (peft)
         self.to(device)
 
     def _autocast(self) -> contextlib.AbstractContextManager:
@@ -477,6 +564,7 @@ class VideoCaptioner(nn.Module):
         out.mkdir(parents=True, exist_ok=True)
         settings = dataclasses.asdict(self.cfg)
         settings["pretrained"] = self.pretrained
+        settings["image_size"] = self.image_size  # the size it was trained at, never "the checkpoint's"
         lora = self.cfg.llm == "lora" and not merge_lora
         if merge_lora:
             self._save_full_copy(out)
@@ -510,15 +598,19 @@ class VideoCaptioner(nn.Module):
         merged = copy.deepcopy(lm).merge_and_unload() if self.cfg.llm == "lora" else lm  # self stays as is
         vision = own_vision
         if vision is None:  # dropped at load time: take the (frozen, unchanged) ViT from the base again
-            vision = Blip2ForConditionalGeneration.from_pretrained(
-                self.pretrained, dtype=torch.float32
-            ).vision_model
+            vision = (
+                architecture(self.pretrained)
+                .model.from_pretrained(self.pretrained, dtype=torch.float32)
+                .vision_model
+            )
         try:
             blip.language_model, blip.vision_model = merged, vision
             blip.save_pretrained(str(out))
         finally:
             blip.language_model, blip.vision_model = lm, own_vision
         self.tokenizer.save_pretrained(str(out))
+        if self.qformer_tokenizer is not None:
+            self.qformer_tokenizer.save_pretrained(str(out / QFORMER_TOKENIZER_DIR))
 
     @classmethod
     def from_trained(
@@ -528,13 +620,8 @@ class VideoCaptioner(nn.Module):
 
         folder = Path(folder)
         meta = json.loads((folder / EXPORT_FILE).read_text())
-        if meta.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"{folder / EXPORT_FILE}: unsupported export format {meta.get('format')!r}")
-        known = {f.name for f in dataclasses.fields(ModelConfig)}
-        model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
-        # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
-        base = str(folder) if meta["merged"] else meta["pretrained"]
-        model_cfg.pretrained = base
+        model_cfg = export_settings(folder)
+        base = model_cfg.pretrained
         adapter = folder / meta["lora"] if meta["lora"] else None
         model = cls._load(base, model_cfg, load_vision, device, adapter_dir=adapter)
         weights = load_file(str(folder / meta["weights"]), device=str(model.device))
@@ -548,6 +635,19 @@ class VideoCaptioner(nn.Module):
             for name, value in weights.items():
                 params[name].copy_(value)
         return model
+
+
+def export_settings(folder: str | Path) -> ModelConfig:
+    """The model settings an export was trained with (frames, image size...); `pretrained` is its base."""
+    folder = Path(folder)
+    meta = json.loads((folder / EXPORT_FILE).read_text())
+    if meta.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"{folder / EXPORT_FILE}: unsupported export format {meta.get('format')!r}")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
+    # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
+    model_cfg.pretrained = str(folder) if meta["merged"] else meta["pretrained"]
+    return model_cfg
 
 
 def _through_first(ids: Tensor, eos_id: int) -> Tensor:

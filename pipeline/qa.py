@@ -336,19 +336,21 @@ class QaPlan(TrainPlan):
         captions: str = "sample",
         num_views: int = 1,
         global_batch: int = 1,
+        fresh_views: bool = False,
     ):
+        self.template = template
+        super().__init__(items, seed, captions, num_views, global_batch, fresh_views)
+
+    def video_targets(self, items: Sequence[QaItem]) -> list[tuple[str, list[tuple[str, str]]]]:
+        """`(video_id, [(prompt, cleaned answer)])` per video, in order of its first question."""
         grouped: dict[str, list[tuple[str, str]]] = {}
         for item in items:
             answer = clean_caption(item.answer)
             if answer:
-                grouped.setdefault(item.video_id, []).append((qa_prompt(template, item.question), answer))
-        self.videos = list(grouped.items())
-        if not self.videos:
-            raise ValueError("no training question has an answer")
-        self.seed, self.captions, self.num_views, self.global_batch = seed, captions, num_views, global_batch
-        pairs = sum(len(q) for _, q in self.videos) if captions == "all" else len(self.videos)
-        self.examples_per_epoch = pairs
-        self.steps_per_epoch = -(-pairs // global_batch)
+                grouped.setdefault(item.video_id, []).append(
+                    (qa_prompt(self.template, item.question), answer)
+                )
+        return list(grouped.items())
 
     def example(self, video_id: str, view: int, target: Any) -> Example:
         prompt, answer = target
@@ -401,8 +403,14 @@ def answer_questions(
     return answers
 
 
-def validate_qa(model: Any, source: Any, val: QaValidation, env: DistEnv) -> tuple[float, dict[str, str]]:
-    """Greedy answers to the validation questions (sharded over ranks) and their accuracy (0..1)."""
+def validate_qa(
+    model: Any, source: Any, val: QaValidation, env: DistEnv
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Greedy answers to the validation questions (sharded over ranks) and their accuracy (0..1).
+
+    Scores as `pipeline.training.validate` returns them: the loop keeps the best by `val_score` and
+    logs `val_cider`, both the accuracy here; `val_accuracy` names it.
+    """
     was_training = model.training
     model.eval()
     mine = answer_questions(
@@ -420,8 +428,10 @@ def validate_qa(model: Any, source: Any, val: QaValidation, env: DistEnv) -> tup
     predictions: dict[str, str] = {}
     for part in gather(env, mine):
         predictions.update(part)
-    score = qa_accuracy(val.items, predictions)["accuracy"] if env.master_process else 0.0
-    return float(broadcast(env, score)), predictions
+    score = float(
+        broadcast(env, qa_accuracy(val.items, predictions)["accuracy"] if env.master_process else 0.0)
+    )
+    return {"val_cider": score, "val_score": score, "val_accuracy": score}, predictions
 
 
 def build_qa_job(
@@ -430,7 +440,6 @@ def build_qa_job(
     stage: Any,
     env: Any,
     settings: Any,
-    captions: str = "sample",
     start_is_candidate: bool = False,
 ) -> Job:
     """`pipeline.training.build_job` for `data.task: qa`: questions from `load_qa`, frames from the same sources."""
@@ -461,9 +470,10 @@ def build_qa_job(
         train_items,
         config.qa.prompt,
         config.run.seed,
-        captions,
+        settings.captions,
         num_views=source.num_views,
         global_batch=settings.batch_size,
+        fresh_views=source.fresh_views,
     )
     validation = QaValidation(
         [item for item in val_items if item.video_id in keep],

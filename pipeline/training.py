@@ -7,18 +7,19 @@ A stage hands `fit` a model, an *objective* and data; the objective is a small f
 so CE and SCST differ only in that function. Everything else is shared, once:
 
 * DDP (`pipeline.runtime.distributed`): NCCL on CUDA, gloo on CPU; rank 0 alone writes files. The
-  configured batch is the global batch: per rank it is `batch / world_size / grad_accum`
-  per micro-step.
-* AdamW and the warmup-then-cosine schedule (`pipeline.optim`); gradient clipping and
-  accumulation here. Mixed precision (bf16 autocast on CUDA, never fp16) is the model's own.
-* Checkpoints (`pipeline.checkpoints`) every `checkpoint_every` steps and at each epoch end.
-  A re-run resumes from the latest and, on CPU, reproduces the uninterrupted run bit for bit
-  (the data plan is a function of (seed, epoch), RNG states are restored).
-* Validation at the start and after each epoch: greedy captions for the validation videos,
-  scored with CIDEr-D (document frequencies of the validation references, like coco-caption).
-  Greedy and not the beam search of `eval`: several times cheaper, and it ranks checkpoints the
-  same way in practice; `eval` reports the beam-search numbers. The best model is kept in
-  `<stage>/best/` in `VideoCaptioner.save_trained` format, with `best/val_score.json`.
+  configured batch is the global batch: per rank and micro-step it is `gpu_batch` (the
+  accumulation follows from the number of processes), or `batch / world_size / grad_accum`.
+* AdamW and the warmup-then-cosine schedule over the whole budget (`max_steps`, else the
+  epochs; `pipeline.optim`); gradient clipping and accumulation here. Mixed precision (bf16
+  autocast on CUDA, never fp16) is the model's own.
+* Checkpoints (`pipeline.checkpoints`) every `checkpoint_every` steps and at each validation.
+  A re-run resumes from the latest, also in the middle of an epoch, and, on CPU, reproduces the
+  uninterrupted run bit for bit (the data plan is a function of (seed, epoch), RNG states are restored).
+* Validation at the start and every `val_every` steps (an "inner epoch"), else after each epoch,
+  scored against the validation references (document frequencies of those references, like
+  coco-caption). `select: cider`: greedy captions, CIDEr-D (cheap); `beam_cider_bleu4`: `eval`'s
+  beam search, CIDEr-D + BLEU-4 (LAVIS's choice). The best model is kept in `<stage>/best/` in
+  `VideoCaptioner.save_trained` format, with its scores in `best/val_score.json`.
 * Logs (`pipeline.runtime.runlog`): `metrics.jsonl`, TensorBoard events when tensorboard is
   installed, and `curves.png`.
 """
@@ -36,9 +37,11 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+from pycocoevalcap.bleu.bleu import Bleu
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pipeline.annotations import load_manifest
+from cache.store import FeatureStore, StoreError
+from pipeline.annotations import load_manifest, require_references
 from pipeline.checkpoints import (
     LoopState,
     check_checkpoint_plan,
@@ -55,7 +58,6 @@ from pipeline.config import Config, stage_settings
 from pipeline.data import (
     Sharding,
     TrainPlan,
-    check_batch_split,
     iterate_videos,
     make_loader,
     make_source,
@@ -87,7 +89,10 @@ class Validation:
     """Raw reference captions per video (tokenised with `simple_tokenize` for scoring)."""
     batch_size: int = 16
     max_new_tokens: int = 32
-    min_new_tokens: int = 5
+    min_new_tokens: int | None = None  # None: the model flavour's seed rule
+    num_beams: int = 1
+    select: str = "cider"
+    """`cider`: CIDEr-D; `beam_cider_bleu4`: CIDEr-D + BLEU-4 (LAVIS's `agg_metrics`), with `num_beams`."""
 
 
 @torch.no_grad()
@@ -106,9 +111,14 @@ def generate_captions(
     return captions
 
 
-def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[float, dict[str, str]]:
-    """Greedy captions of the validation videos (sharded over ranks) and their CIDEr-D (rank 0's)."""
+def validate(
+    model: Any, source: Any, val: Validation, env: DistEnv
+) -> tuple[dict[str, float], dict[str, str]]:
+    """Captions of the validation videos (sharded over ranks) and their scores (rank 0's, shared).
 
+    Scores: `val_cider` (CIDEr-D), with `select: beam_cider_bleu4` also `val_bleu4`, and `val_score`,
+    the number the best checkpoint is chosen by.
+    """
     was_training = model.training
     model.eval()
     mine = generate_captions(
@@ -117,7 +127,7 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
         val.video_ids[env.rank :: env.world_size],
         val.batch_size,
         env.device,
-        num_beams=1,
+        num_beams=val.num_beams,
         max_new_tokens=val.max_new_tokens,
         min_new_tokens=val.min_new_tokens,
     )
@@ -125,12 +135,16 @@ def validate(model: Any, source: Any, val: Validation, env: DistEnv) -> tuple[fl
     predictions: dict[str, str] = {}
     for part in gather(env, mine):
         predictions.update(part)
-    score = 0.0
+    scores = {"val_cider": 0.0}
     if env.master_process and predictions:
         gts = {v: [simple_tokenize(c) for c in val.references[v]] for v in predictions}
         res = {v: [simple_tokenize(c)] for v, c in predictions.items()}
-        score, _ = CiderD().compute_score(gts, res)  # parity mode: df of these references, as coco-caption
-    return float(broadcast(env, score)), predictions
+        scores["val_cider"] = float(CiderD().compute_score(gts, res)[0])  # df of these references, as coco
+        if val.select == "beam_cider_bleu4":
+            scores["val_bleu4"] = float(Bleu(4).compute_score(gts, res, verbose=0)[0][3])
+    scores = broadcast(env, scores)
+    scores["val_score"] = scores["val_cider"] + scores.get("val_bleu4", 0.0)
+    return scores, predictions
 
 
 # ---------------------------------------------------------------------------------------
@@ -165,168 +179,208 @@ class Job:
     """The stage's settings: a checkpoint written under others is not resumed."""
     start_is_candidate: bool = False
     """The starting model competes for `best/` (SCST: keep the CE model if SCST never beats it)."""
-    validator: Callable[..., tuple[float, dict[str, Any]]] = validate
-    """`(model, source, validation, env) -> (score, predictions)`: CIDEr-D here, accuracy for QA."""
+    validator: Callable[..., tuple[dict[str, float], dict[str, Any]]] = validate
+    """`(model, source, validation, env) -> (scores, predictions)` as `validate`; QA: accuracy (`pipeline.qa`)."""
 
 
 def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
     """Train `model` with `objective` over `job.plan`; resume, validate, checkpoint, log. Returns a summary."""
-    env, settings, plan = job.env, job.settings, job.plan
-    check_batch_split(
-        settings.batch_size, env.world_size, settings.grad_accum, settings.batch_key, settings.accum_key
-    )
-    sharding = Sharding(settings.batch_size, env.world_size, env.rank, settings.grad_accum)
-    # `max_steps` (SCST: the paper's 20k iterations) sets the length when given; else the epochs.
-    total_steps = settings.max_steps or plan.steps_per_epoch * settings.epochs
-    optimizer, scheduler = build_optimizer(model, settings, total_steps)
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    wrapped: torch.nn.Module = _ObjectiveModule(model, objective)
-    if env.ddp:
-        # Every trainable parameter gets a gradient in every step (the tests check frozen, LoRA and
-        # full), so DDP need not search the graph for unused ones (find_unused_parameters=False).
-        device_ids = [env.local_rank] if env.device.startswith("cuda") else None
-        wrapped = DDP(wrapped, device_ids=device_ids, broadcast_buffers=False)
+    loop = _Loop(model, objective, job)
+    loop.resume_or_seed()
+    if loop.state.global_step == 0 and not loop.state.history:
+        loop.validate_and_keep_best(0, trained=False)  # the starting model is validation round 0
+    model.train()
+    for step in progress(
+        range(loop.state.global_step, loop.total_steps),
+        total=loop.total_steps,
+        initial=loop.state.global_step,
+        desc=f"{job.stage_dir.name} steps",
+        disable=not job.env.master_process,
+    ):
+        loop.optimizer_step(step)
+        done = loop.state.global_step
+        validate_now = done % loop.val_every == 0 or done == loop.total_steps
+        checkpoint_now = validate_now or done % job.settings.checkpoint_every == 0
+        if done % job.settings.log_every == 0 or checkpoint_now:
+            loop.log_window(step)
+        if validate_now:
+            loop.validate_and_keep_best(math.ceil(done / loop.val_every), trained=True)
+        if checkpoint_now:
+            loop.save_checkpoint()
+    model.eval()
+    loop.metrics.close()
+    barrier(job.env)
+    return loop.summary()
 
-    best_dir = job.stage_dir / BEST
-    recover_dir(best_dir)
-    state, resumed = LoopState(), latest_checkpoint(job.stage_dir)
-    if resumed is not None:
-        check_checkpoint_settings(resumed, job.fingerprint_settings)
-        check_checkpoint_plan(resumed, plan.steps_per_epoch, total_steps)
-        state = load_checkpoint(resumed, model, optimizer, scheduler, env)
-        job.log.info("resuming from %s (step %d of %d)", resumed, state.global_step, total_steps)
-    else:
-        seed_everything(settings.seed + env.rank)  # independent of what building the model consumed
-    metrics = MetricsLog(job.stage_dir, env.master_process, state.global_step if resumed else None)
-    ckpt_meta = {
-        "settings": job.fingerprint_settings,
-        "total_steps": total_steps,
-        "steps_per_epoch": plan.steps_per_epoch,
-    }
 
-    def end_of_epoch(epoch: int, trained: bool) -> None:
-        """Validate, keep the best, log, plot; `epoch` 0 is the starting model."""
-        started = time.time()
-        cider, predictions = job.validator(model, job.source, job.validation, env)
-        state.last_cider = cider
-        if epoch == 0:
+class _Loop:
+    """The state of one `fit`: optimiser, schedule, data position, best model, logs.
+
+    A validation "round" is `settings.val_every` steps (an inner epoch), else one epoch of the plan;
+    the round's number is the `epoch` of its records (0: the starting model).
+    """
+
+    def __init__(self, model: Any, objective: Objective, job: Job):
+        self.model, self.job, self.env, self.settings, self.plan = model, job, job.env, job.settings, job.plan
+        _, self.grad_accum = self.settings.accumulation(self.env.world_size)  # an error names the keys
+        self.sharding = Sharding(
+            self.settings.batch_size, self.env.world_size, self.env.rank, self.grad_accum
+        )
+        self.total_steps = self.settings.total_steps(self.plan.steps_per_epoch)
+        self.val_every = self.settings.val_every or self.plan.steps_per_epoch
+        self.optimizer, self.scheduler = build_optimizer(model, self.settings, self.total_steps)
+        self.trainable = [p for p in model.parameters() if p.requires_grad]
+        self.wrapped: torch.nn.Module = _ObjectiveModule(model, objective)
+        if self.env.ddp:
+            # Every trainable parameter gets a gradient in every step (the tests check frozen, LoRA and
+            # full), so DDP need not search the graph for unused ones (find_unused_parameters=False).
+            device_ids = [self.env.local_rank] if self.env.device.startswith("cuda") else None
+            self.wrapped = DDP(self.wrapped, device_ids=device_ids, broadcast_buffers=False)
+        self.best_dir = job.stage_dir / BEST
+        self.state, self.window, self.loader_iter = LoopState(), _Window(), None
+        self.checkpoint_meta = {
+            "settings": job.fingerprint_settings,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.plan.steps_per_epoch,
+        }
+
+    def resume_or_seed(self) -> None:
+        """Continue from the latest checkpoint (same settings and plan), else seed a fresh run."""
+        recover_dir(self.best_dir)
+        resumed = latest_checkpoint(self.job.stage_dir)
+        if resumed is not None:
+            check_checkpoint_settings(resumed, self.job.fingerprint_settings)
+            check_checkpoint_plan(resumed, self.plan.steps_per_epoch, self.total_steps)
+            self.state = load_checkpoint(resumed, self.model, self.optimizer, self.scheduler, self.env)
+            self.job.log.info(
+                "resuming from %s (step %d of %d)", resumed, self.state.global_step, self.total_steps
+            )
+        else:  # a seed independent of what building the model consumed
+            seed_everything(self.settings.seed + self.env.rank)
+        first = self.state.global_step if resumed else None
+        self.metrics = MetricsLog(self.job.stage_dir, self.env.master_process, first)
+
+    def _loader(self, epoch: int, start_step: int) -> Any:
+        """This rank's micro-batches of `epoch` from `start_step` on (a resumed epoch starts mid-way)."""
+        pin_memory = self.env.device.startswith("cuda")
+        return make_loader(
+            self.plan,
+            self.job.source,
+            epoch,
+            self.sharding,
+            start_step,
+            self.settings.num_workers,
+            pin_memory,
+        )
+
+    def optimizer_step(self, step: int) -> None:
+        """One optimiser step = `grad_accum` micro-batches; DDP syncs gradients on the last only."""
+        epoch, step_in_epoch = divmod(step, self.plan.steps_per_epoch)
+        if self.loader_iter is None or step_in_epoch == 0:
+            self.loader_iter = iter(self._loader(epoch, step_in_epoch))
+        for micro in range(self.grad_accum):
+            batch = to_device(next(self.loader_iter), self.job.source, self.env.device)
+            sync = micro == self.grad_accum - 1
+            with self.wrapped.no_sync() if self.env.ddp and not sync else contextlib.nullcontext():
+                loss, logs = self.wrapped(batch)
+                (loss / self.grad_accum).backward()
+            self.window.add(logs, loss, 1.0 / self.grad_accum)
+        clip = self.settings.grad_clip
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, clip) if clip else None
+        lr = self.scheduler.get_last_lr()[0]
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.window.end_step(grad_norm, lr)
+        self.state.global_step = step + 1
+
+    def log_window(self, step: int) -> None:
+        """Write the mean of the steps since the last write (one device sync)."""
+        record = self.window.flush(self.env)
+        self.state.epoch_loss_sum += record["loss"] * record["steps"]
+        self.state.epoch_loss_steps += record["steps"]
+        epoch = step // self.plan.steps_per_epoch + 1
+        self.metrics.write({"kind": "step", "epoch": epoch, "step": self.state.global_step, **record})
+        self.job.log.info(
+            "step %d/%d epoch %d: loss %.4f lr %.2e (%.2f steps/s)",
+            self.state.global_step,
+            self.total_steps,
+            epoch,
+            record["loss"],
+            record["lr"],
+            record["steps_per_s"],
+        )
+
+    def validate_and_keep_best(self, round_: int, trained: bool) -> None:
+        """Validate, keep the best in `best/`, log, plot; round 0 is the starting model."""
+        state, started = self.state, time.time()
+        scores, predictions = self.job.validator(self.model, self.job.source, self.job.validation, self.env)
+        cider = state.last_cider = scores["val_cider"]
+        if round_ == 0:
             state.start_cider = cider
-        improved = (trained or job.start_is_candidate) and cider > state.best_cider
+        # Without validation videos (train.allow_no_validation) the latest trained round is kept.
+        unranked = trained and not self.job.validation.video_ids
+        improved = (trained or self.job.start_is_candidate) and (
+            scores["val_score"] > state.best_score or unranked
+        )
         if improved:
-            state.best_cider, state.best_epoch, state.best_step = cider, epoch, state.global_step
-            if env.master_process:
-                score = {"val_cider": cider, "epoch": epoch, "step": state.global_step}
-                replace_dir(
-                    best_dir,
-                    lambda tmp: (model.save_trained(tmp), atomic_write_json(tmp / BEST_SCORE_FILE, score)),
-                )
+            state.best_cider, state.best_score = cider, scores["val_score"]
+            state.best_epoch, state.best_step = round_, state.global_step
+            self._save_best({**scores, "epoch": round_, "step": state.global_step})
         train_loss = state.epoch_loss_sum / state.epoch_loss_steps if state.epoch_loss_steps else None
         state.epoch_loss_sum, state.epoch_loss_steps = 0.0, 0
-        state.history.append({"epoch": epoch, "step": state.global_step, "val_cider": cider})
-        metrics.write(
+        state.history.append({"epoch": round_, "step": state.global_step, **scores})
+        self.metrics.write(
             {
                 "kind": "epoch",
-                "epoch": epoch,
+                "epoch": round_,
                 "step": state.global_step,
-                "val_cider": cider,
+                **scores,
                 "train_loss": train_loss,
                 "best": improved,
                 "val_seconds": round(time.time() - started, 2),
             }
         )
-        if env.master_process:
-            atomic_write_json(job.stage_dir / "val" / f"epoch_{epoch:03d}.json", predictions)
-        job.log.info(
+        if self.env.master_process:
+            atomic_write_json(self.job.stage_dir / "val" / f"epoch_{round_:03d}.json", predictions)
+        loss_text = f"{train_loss:.4f}" if train_loss is not None else "-"
+        self.job.log.info(
             "epoch %d (step %d): val CIDEr-D %.4f%s, train loss %s",
-            epoch,
+            round_,
             state.global_step,
             cider,
             " (best)" if improved else "",
-            f"{train_loss:.4f}" if train_loss is not None else "-",
+            loss_text,
         )
-        metrics.plot()
+        self.metrics.plot()
 
-    if state.global_step == 0 and not state.history:
-        end_of_epoch(0, trained=False)
+    def save_checkpoint(self) -> None:
+        """Every rank calls it (their RNG states are gathered); rank 0 writes."""
+        args = (self.optimizer, self.scheduler, self.state, self.env, self.checkpoint_meta)
+        save_checkpoint(self.job.stage_dir, self.model, *args)
 
-    model.train()
-    window = _Window()
-    loader_iter = None
-    for step in progress(
-        range(state.global_step, total_steps),
-        total=total_steps,
-        initial=state.global_step,
-        desc=f"{job.stage_dir.name} steps",
-        disable=not env.master_process,
-    ):
-        epoch, step_in_epoch = divmod(step, plan.steps_per_epoch)
-        if loader_iter is None or step_in_epoch == 0:
-            loader = make_loader(
-                plan,
-                job.source,
-                epoch,
-                sharding,
-                step_in_epoch,
-                settings.num_workers,
-                pin_memory=env.device.startswith("cuda"),
+    def _save_best(self, score: dict[str, Any]) -> None:
+        if self.env.master_process:
+            replace_dir(
+                self.best_dir,
+                lambda tmp: (self.model.save_trained(tmp), atomic_write_json(tmp / BEST_SCORE_FILE, score)),
             )
-            loader_iter = iter(loader)
 
-        # one optimiser step = grad_accum micro-batches; DDP syncs gradients on the last only
-        for micro in range(settings.grad_accum):
-            batch = to_device(next(loader_iter), job.source, env.device)
-            sync = micro == settings.grad_accum - 1
-            with wrapped.no_sync() if env.ddp and not sync else contextlib.nullcontext():
-                loss, logs = wrapped(batch)
-                (loss / settings.grad_accum).backward()
-            window.add(logs, loss, 1.0 / settings.grad_accum)
-        grad_norm = (
-            torch.nn.utils.clip_grad_norm_(trainable, settings.grad_clip) if settings.grad_clip else None
-        )
-        lr = scheduler.get_last_lr()[0]
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        window.end_step(grad_norm, lr)
-        state.global_step = step + 1
-
-        last_of_epoch = step_in_epoch == plan.steps_per_epoch - 1 or state.global_step == total_steps
-        checkpoint_now = state.global_step % settings.checkpoint_every == 0 and not last_of_epoch
-        if state.global_step % settings.log_every == 0 or checkpoint_now or last_of_epoch:
-            record = window.flush(env)
-            state.epoch_loss_sum += record["loss"] * record["steps"]
-            state.epoch_loss_steps += record["steps"]
-            metrics.write({"kind": "step", "epoch": epoch + 1, "step": state.global_step, **record})
-            job.log.info(
-                "step %d/%d epoch %d: loss %.4f lr %.2e (%.2f steps/s)",
-                state.global_step,
-                total_steps,
-                epoch + 1,
-                record["loss"],
-                record["lr"],
-                record["steps_per_s"],
-            )
-        if last_of_epoch:
-            end_of_epoch(epoch + 1, trained=True)
-            loader_iter = None
-        if checkpoint_now or last_of_epoch:
-            save_checkpoint(job.stage_dir, model, optimizer, scheduler, state, env, ckpt_meta)
-
-    model.eval()
-    metrics.close()
-    barrier(env)
-    return {
-        "best_val_cider": state.best_cider,
-        "best_epoch": state.best_epoch,
-        "best_step": state.best_step,
-        "start_val_cider": state.start_cider,
-        "final_val_cider": state.last_cider,
-        "epochs": math.ceil(total_steps / plan.steps_per_epoch),
-        "steps": total_steps,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "best_path": str(best_dir),
-        "history": state.history,
-    }
+    def summary(self) -> dict[str, Any]:
+        state, steps_per_epoch = self.state, self.plan.steps_per_epoch
+        return {
+            "best_val_cider": state.best_cider,
+            "select": self.settings.select,
+            "best_epoch": state.best_epoch,
+            "best_step": state.best_step,
+            "start_val_cider": state.start_cider,
+            "final_val_cider": state.last_cider,
+            "epochs": math.ceil(self.total_steps / steps_per_epoch),
+            "steps": self.total_steps,
+            "steps_per_epoch": steps_per_epoch,
+            "best_path": str(self.best_dir),
+            "history": state.history,
+        }
 
 
 class _Window:
@@ -397,7 +451,7 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
     stage, error = None, None
     if env.master_process:
         try:
-            stage = Stage(config, name, force=force, fresh_on_force=True)
+            stage = Stage(config, name, force=force, extra_inputs=_cache_state(config, name))
         except StageError as e:
             error = str(e)
     error, done, summary = broadcast(
@@ -406,6 +460,24 @@ def open_stage(config: Any, name: str, force: bool, env: DistEnv) -> Any:
     if error:
         raise StageError(error)
     return stage if stage is not None else _FollowerStage(config, name, env, done, summary)
+
+
+def _cache_state(config: Any, name: str) -> dict[str, Any]:
+    """What `train` read from the cache: finishing an extraction afterwards makes it stale."""
+    if name != "train" or config.train.source != "cache" or not config.cache_path.exists():
+        return {}
+    try:
+        store = FeatureStore.open(config.cache_path)
+        done, failed = store.done_ids(), set(store.failed())
+    except StoreError:
+        return {}  # make_source says what is wrong with it
+    manifest = load_manifest(config.data)
+    ids = [
+        r.video_id
+        for split in (config.data.train_split, config.data.val_split)
+        for r in manifest.split(split)
+    ]
+    return {"cache": {"done": sum(v in done for v in ids), "failed": sum(v in failed for v in ids)}}
 
 
 def finish_stage(stage: Any, env: DistEnv, summary: dict[str, Any]) -> dict[str, Any]:
@@ -422,13 +494,14 @@ def build_job(
     stage: Any,
     env: Any,
     settings: LoopSettings,
-    captions: str = "sample",
     start_is_candidate: bool = False,
 ) -> Job:
     """The data (from `train.source`), validation set and loop settings shared by `train` and `scst`."""
 
     source_kind = config.train.source
     manifest = load_manifest(config.data)
+    for split in (config.data.train_split, config.data.val_split):
+        require_references(manifest, split)  # before any training or captioning
     train_records = manifest.split(config.data.train_split)
     val_records = manifest.split(config.data.val_split)
     source = make_source(config, model, train_records + val_records, source_kind)
@@ -441,6 +514,7 @@ def build_job(
             source_kind,
             ", ".join(skipped[:5]),
         )
+    _refuse_a_partial_cache(config, source, train_records + val_records, available)
     train_records = [r for r in train_records if r.video_id in available]
     val_ids = [r.video_id for r in val_records if r.video_id in available and r.captions]
     if config.train.val_max_videos:
@@ -449,8 +523,20 @@ def build_job(
         raise StageError(
             f"no training video of split {config.data.train_split!r} is available from the {source_kind}"
         )
+    if not val_ids and not config.train.allow_no_validation:
+        raise StageError(
+            f"no video of the validation split {config.data.val_split!r} with captions is available from "
+            f"the {source_kind} ({len(val_records)} in the annotations): validation CIDEr would be 0 every "
+            "epoch and best/ meaningless; extract them (extract.splits), or set "
+            "train.allow_no_validation=true to keep the last epoch's model"
+        )
     plan = TrainPlan(
-        train_records, config.run.seed, captions, num_views=source.num_views, global_batch=settings.batch_size
+        train_records,
+        config.run.seed,
+        settings.captions,
+        num_views=source.num_views,
+        global_batch=settings.batch_size,
+        fresh_views=source.fresh_views,
     )
     validation = Validation(
         val_ids,
@@ -458,6 +544,8 @@ def build_job(
         batch_size=config.eval.batch_size,
         max_new_tokens=config.eval.max_new_tokens,
         min_new_tokens=config.eval.min_new_tokens,
+        num_beams=config.eval.num_beams if settings.select == "beam_cider_bleu4" else 1,
+        select=settings.select,
     )
     return Job(
         plan,
@@ -470,6 +558,22 @@ def build_job(
         fingerprint_settings=stage.settings,
         start_is_candidate=start_is_candidate,
     )
+
+
+def _refuse_a_partial_cache(config: Config, source: Any, records: list[Any], available: set[str]) -> None:
+    """Videos neither done nor failed in the cache (extraction unfinished) stop training unless opted in."""
+    store = getattr(source, "store", None)
+    if store is None or config.train.allow_partial_cache:
+        return
+    unsettled = set(store.pending_ids(retry_failed=False))  # in the store, neither done nor failed
+    pending = [r.video_id for r in records if r.video_id in unsettled]
+    if pending:
+        raise StageError(
+            f"{len(pending)} of {len(records)} videos of splits {config.data.train_split!r} and "
+            f"{config.data.val_split!r} are not extracted yet in {store.path} (e.g. {', '.join(pending[:3])}): "
+            "finish `vidcap extract` first, or set train.allow_partial_cache=true to train without them "
+            "(finishing the extraction later makes this training stale)"
+        )
 
 
 def best_model_dir(run_dir: str | Path) -> Path:

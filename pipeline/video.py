@@ -1,28 +1,49 @@
 """Video files in and out: probe, decode chosen frames, load one view of a clip, write test videos.
 
-Two decoders sit behind one interface (`backend=`):
+The decoding contract, the same whatever the backend:
 
-* `decord`: `VideoReader(...).get_batch(indices)`, fast random access. It is unmaintained
-  and can crash or hang on garbage, so every file first passes a cheap PyAV header probe
-  (exists, not empty, has a video stream, is not a still image) before decord sees it.
-* `pyav`: FFmpeg from PyAV's wheel, maintained. Frames are decoded in order and the
-  wanted ones kept. Containers often store no frame count (`stream.frames` is 0 for
-  Matroska/WebM) or a wrong one (the header of a truncated AVI), so the count comes from
-  demuxing the packets, which is what decord's index does too. There is no seeking: a
-  frame late in a long video costs decoding everything before it.
+* **Stream**: the container's best video stream (FFmpeg's `av_find_best_stream`), the same one
+  for probing and decoding, so a file with two video streams is never described by one and
+  decoded from the other.
+* **Frames and times**: a video is its frames in presentation order, each with its
+  presentation time (pts, seconds after the first frame). Count and times come from
+  demuxing the stream's packets, not from the header, which often has no frame count
+  (Matroska/WebM) or a wrong one (a cut AVI). Frame `i` is the i-th frame in that order. The
+  duration is the last frame's pts plus that frame's duration, so a variable-frame-rate
+  video has its true length; `fps` is the average, num_frames / duration.
+* **Sampling in time**: the duration is cut into `num_frames` (n) equal slots; sampling picks
+  slots (`sample_frame_indices`) and each slot gets the frame on screen at the slot's middle.
+  At a constant frame rate slot i is frame i, exactly the old index-based sampling; at a
+  variable one, uniform sampling is uniform in time. Time windows (`start_sec`, `end_sec`)
+  are cut in the same slots.
+* **Rotation**: the display matrix (phone videos) is applied, in multiples of 90 degrees;
+  `width` and `height` are as displayed.
+* **Colour**: FFmpeg's swscale converts to RGB with the frame's own colour matrix and range.
 
-Both return the same RGB frames for the same indices. Frame `i` is the i-th frame in
-presentation order; a time `t` maps to frame `floor(t * fps)` (constant frame rate assumed).
+Backends (`backend=`):
+
+* `pyav` (the default and the reference): FFmpeg from PyAV's wheel, frames decoded in order
+  and the wanted ones kept. Each decoded frame is recognised by its pts, so a packet that
+  fails to decode (a corrupt start) loses only its own frames; a wanted frame that never
+  decodes is a `VideoDecodeError` naming its time. AVI stores no presentation times: there the
+  k-th decoded frame is frame k, and any decode error refuses the file.
+* `decord`: random access by seeking, exact only where seeking is. It is used on a file only
+  when every check passes: one video stream; H.264/HEVC whose keyframes are all IDR (open-GOP
+  keyframes make decord land on the wrong frame), VP8/VP9, or MPEG-4 without B-frames; real
+  presentation times (not AVI); 8-bit 4:2:0 with the BT.601 or an untagged colour matrix
+  (elsewhere its colours differ from FFmpeg's); and, once open, decord's frame count, the
+  timestamps of the requested frames and the frame size equal the probe's. Otherwise, or when
+  decord fails, the frames come from `pyav` and the reason is appended to `fallbacks` (the
+  `extract` and `caption` summaries count them under `decode_fallbacks`), never silently.
+
 Any failure to read a video raises `VideoDecodeError` naming the file and the reason, so a
 stage can record the video as failed and go on.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 
@@ -32,45 +53,54 @@ from PIL import Image
 
 from pipeline.errors import VideoDecodeError
 from pipeline.sampling import random_resized_crop_params, sample_frame_indices, view_rng
+from pipeline.videoindex import VideoIndex, VideoInfo, av_errors, av_open, frames_at, index_video, short_error
 
-BACKENDS = ("decord", "pyav")
+__all__ = [  # frames_at and VideoInfo live in pipeline.videoindex; they are part of this API too
+    "BACKENDS", "VideoDecodeError", "VideoInfo", "decode_frames", "frame_times", "frames_at", "load_clip",
+    "load_views", "probe_video", "write_video",
+]  # fmt: skip
+
+BACKENDS = ("pyav", "decord")
 CODECS = {".mp4": "libx264", ".webm": "libvpx-vp9", ".avi": "mpeg4", ".mkv": "libx264"}
 
-
-@dataclass(frozen=True)
-class VideoInfo:
-    num_frames: int
-    fps: float
-    width: int
-    height: int
-    duration: float
-    """Seconds: num_frames / fps when the frame rate is known, else the container's duration."""
-
+TIME_TOLERANCE = 1e-3  # seconds: decord's float32 timestamps vs ours
 
 # ---------------------------------------------------------------------------------------
 # Public API
 # ---------------------------------------------------------------------------------------
 
 
-def probe_video(path: str | Path, backend: str = "decord") -> VideoInfo:
-    """Frame count, frame rate, size and duration of a video, as the chosen backend sees it."""
-    with _open_video(path, backend, threads=1) as video:
-        return video.info
+def probe_video(path: str | Path, backend: str = "pyav") -> VideoInfo:
+    """Frame count, frame rate, displayed size, rotation and duration of a video (the same for
+    every backend: they decode the same stream under the same contract)."""
+    _check_backend(backend)
+    return index_video(path).info
+
+
+def frame_times(path: str | Path) -> np.ndarray:
+    """Presentation time (seconds after the first frame) of every frame, in order: float64 (N,)."""
+    return index_video(path).times.copy()
 
 
 def decode_frames(
-    path: str | Path, indices: Sequence[int] | np.ndarray, backend: str = "decord", threads: int = 0
+    path: str | Path,
+    indices: Sequence[int] | np.ndarray,
+    backend: str = "pyav",
+    threads: int = 0,
+    fallbacks: list[str] | None = None,
 ) -> np.ndarray:
-    """Decode the frames at `indices` (any order, repeats allowed): uint8 RGB (len(indices), H, W, 3).
+    """Decode frames `indices` (presentation order; any order, repeats allowed): uint8 RGB
+    (len(indices), H, W, 3) at the displayed size.
 
-    Frames keep their native resolution. `threads` is the decoder's thread count (0: automatic).
-    An index past the last decodable frame raises `VideoDecodeError`.
+    `threads` is the decoder's thread count (0: automatic). An index past the last frame
+    raises `VideoDecodeError`. When `backend="decord"` cannot be trusted on this file the
+    frames come from `pyav` and the reason is appended to `fallbacks`.
     """
+    _check_backend(backend)
     indices = np.asarray(indices, dtype=np.int64).reshape(-1)
     if indices.size and indices.min() < 0:
         raise ValueError(f"frame indices must be >= 0, got {indices.min()}")
-    with _open_video(path, backend, threads) as video:
-        return _gather(video, indices)
+    return _gather(index_video(path), indices, backend, threads, fallbacks)
 
 
 def load_clip(
@@ -80,21 +110,22 @@ def load_clip(
     view: int = 0,
     seed: int = 0,
     video_id: str = "",
-    backend: str = "decord",
+    backend: str = "pyav",
     threads: int = 0,
     start_sec: float | None = None,
     end_sec: float | None = None,
+    fallbacks: list[str] | None = None,
 ) -> np.ndarray:
     """One view of a video as uint8 RGB frames (num_frames, image_size, image_size, 3).
 
-    View 0 (evaluation): `uniform` frame indices, each whole frame resized to S x S with
+    View 0 (evaluation): `uniform` time slots, each whole frame resized to S x S with
     bicubic interpolation, no crop (as BLIP-2's image processor does).
-    View v >= 1 (training): `headtail` indices, then one random resized crop (scale
+    View v >= 1 (training): `headtail` slots, then one random resized crop (scale
     0.5-1.0) and one horizontal flip (p=0.5) shared by all frames, then resize to S x S.
-    Its randomness is `view_rng(seed, video_id, view)`, drawn in this order: indices, crop,
+    Its randomness is `view_rng(seed, video_id, view)`, drawn in this order: slots, crop,
     flip; so the same arguments give the same clip everywhere.
 
-    `start_sec` / `end_sec` restrict sampling to the frames shown in [start_sec, end_sec);
+    `start_sec` / `end_sec` restrict sampling to the slots in [start_sec, end_sec);
     always exactly `num_frames` frames come back (short spans repeat frames).
     """
     return load_views(
@@ -108,6 +139,7 @@ def load_clip(
         threads=threads,
         start_sec=start_sec,
         end_sec=end_sec,
+        fallbacks=fallbacks,
     )[0]
 
 
@@ -118,24 +150,26 @@ def load_views(
     views: Sequence[int] = (0,),
     seed: int = 0,
     video_id: str = "",
-    backend: str = "decord",
+    backend: str = "pyav",
     threads: int = 0,
     start_sec: float | None = None,
     end_sec: float | None = None,
+    fallbacks: list[str] | None = None,
 ) -> np.ndarray:
     """Several views of one video, uint8 (V, T, S, S, 3): `load_clip` of each view, but the
-    video is opened once and every frame that any view needs is decoded once."""
+    video is probed once and every frame that any view needs is decoded once."""
+    _check_backend(backend)
     if len(views) == 0 or min(views) < 0:
         raise ValueError(f"views must be a non-empty list of integers >= 0, got {list(views)}")
     rngs = [view_rng(seed, video_id, view) if view > 0 else None for view in views]
-    with _open_video(path, backend, threads) as video:
-        first, stop = _window(video, start_sec, end_sec)
-        indices = []  # V x (T,)
-        for rng in rngs:
-            mode = "uniform" if rng is None else "headtail"
-            indices.append(first + sample_frame_indices(stop - first, num_frames, mode, rng))
-        unique, inverse = np.unique(np.concatenate(indices), return_inverse=True)
-        frames = _gather(video, unique)  # (U, H, W, 3)
+    index = index_video(path)
+    first, stop = _window(index, start_sec, end_sec)  # slots
+    wanted = []  # V x (T,) frame indices
+    for rng in rngs:
+        mode = "uniform" if rng is None else "headtail"
+        wanted.append(index.slot_frames(first + sample_frame_indices(stop - first, num_frames, mode, rng)))
+    unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
+    frames = _gather(index, unique, backend, threads, fallbacks)  # (U, H, W, 3)
     rows = inverse.reshape(len(views), num_frames)  # (V, T) positions in `frames`
     return np.stack([_augment(frames, row, image_size, rng) for row, rng in zip(rows, rngs, strict=True)])
 
@@ -177,153 +211,161 @@ def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str
 
 
 # ---------------------------------------------------------------------------------------
-# Backends
+# Decoding: pyav (reference), decord (verified, else fallback)
 # ---------------------------------------------------------------------------------------
 
 
-@dataclass
-class _Header:
-    """What PyAV reads from the container header alone, without decoding."""
-
-    width: int
-    height: int
-    fps: float
-    duration: float
+class _Inexact(Exception):
+    """decord would not return exactly the requested frames of this file."""
 
 
-class _DecordVideo:
-    def __init__(self, path: Path, header: _Header, threads: int) -> None:
+def _gather(
+    index: VideoIndex, indices: np.ndarray, backend: str, threads: int, fallbacks: list[str] | None
+) -> np.ndarray:
+    """Frames at `indices` (any order, repeats): each distinct frame is decoded once."""
+    if indices.size == 0:
+        return np.empty((0, index.info.height, index.info.width, 3), dtype=np.uint8)
+    unique, inverse = np.unique(indices, return_inverse=True)
+    if unique[-1] >= index.info.num_frames:
+        raise VideoDecodeError(
+            index.path, f"frame {unique[-1]} asked for, but the video has {index.info.num_frames} frames"
+        )
+    frames = None
+    if backend == "decord":
         try:
-            from decord import VideoReader, cpu
-        except ImportError as e:
-            raise ImportError(
-                "decord is not installed (wheels exist for x86-64 only): use backend 'pyav'"
-            ) from e
-
-        self.path, self.header = path, header
-        try:
-            self.reader = VideoReader(str(path), ctx=cpu(0), num_threads=threads)
-            num_frames, fps = len(self.reader), float(self.reader.get_avg_fps())
-        except Exception as e:
-            raise VideoDecodeError(path, f"decord cannot open it: {_short(e)}") from e
-        if num_frames < 1:
-            raise VideoDecodeError(path, "no frames")
-        self.info = _info(num_frames, fps, header)
-
-    def get(self, unique: np.ndarray) -> np.ndarray:
-        if unique[-1] >= self.info.num_frames:
-            raise VideoDecodeError(
-                self.path, f"frame {unique[-1]} asked for, but the video has {self.info.num_frames} frames"
-            )
-        try:
-            batch = self.reader.get_batch(unique.tolist())
-            batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # any decord bridge
-        except Exception as e:
-            raise VideoDecodeError(self.path, f"decord failed to decode: {_short(e)}") from e
-        return batch
-
-    def close(self) -> None:
-        del self.reader  # decord leaks memory when readers linger
+            frames = _decord_frames(index, unique, threads)
+        except _Inexact as e:
+            if fallbacks is not None:
+                fallbacks.append(f"decord: {e}")
+    if frames is None:
+        frames = _pyav_frames(index, unique, threads)  # (U, H, W, 3)
+    return np.ascontiguousarray(frames[inverse], dtype=np.uint8)
 
 
-class _PyAVVideo:
-    def __init__(self, path: Path, header: _Header, threads: int) -> None:
-        self.path, self.header, self.threads = path, header, threads
-        self._info: VideoInfo | None = None
+def _pyav_frames(index: VideoIndex, unique: np.ndarray, threads: int) -> np.ndarray:
+    """The wanted frames, recognised by pts: first by seeking to the keyframe before each group of
+    them, then, for any still missing, by the reference (decoding in order from the start)."""
+    frames: dict[int, np.ndarray] = {}
+    errors: list[str] = []
+    if index.pts is not None and len(index.keys) > 1:
+        _decode(index, unique.tolist(), threads, frames, errors, seek=True)
+    missing = sorted(set(unique.tolist()) - frames.keys())
+    if missing:
+        _decode(index, missing, threads, frames, errors, seek=False)
+    missing = sorted(set(unique.tolist()) - frames.keys())
+    if missing:
+        times = ", ".join(f"{index.times[k]:.3f}s" for k in missing[:5])
+        cause = f" ({errors[0]})" if errors else ""
+        raise VideoDecodeError(
+            index.path, f"{len(missing)} requested frame(s) could not be decoded, at {times}{cause}"
+        )
+    return np.stack([frames[k] for k in unique.tolist()])
 
-    @property
-    def info(self) -> VideoInfo:
-        if self._info is None:
-            with _av_errors(self.path, "cannot count frames"), _av_open(self.path) as container:
-                stream = container.streams.video[0]
-                num_frames = sum(1 for packet in container.demux(stream) if packet.size > 0)
-            if num_frames < 1:
-                raise VideoDecodeError(self.path, "no frames")
-            self._info = _info(num_frames, self.header.fps, self.header)
-        return self._info
 
-    def get(self, unique: np.ndarray) -> np.ndarray:
-        wanted, last = set(unique.tolist()), int(unique[-1])
-        frames, count = {}, 0
-        with _av_errors(self.path, "decoding failed"), _av_open(self.path) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"
-            if self.threads > 0:
-                stream.codec_context.thread_count = self.threads
-            size = {"width": self.header.width, "height": self.header.height}
-            for frame in container.decode(stream):
-                if count in wanted:  # size pinned so a mid-stream size change cannot break stacking
-                    frames[count] = frame.to_ndarray(format="rgb24", **size)
+def _decode(
+    index: VideoIndex,
+    wanted: list[int],
+    threads: int,
+    frames: dict[int, np.ndarray],
+    errors: list[str],
+    seek: bool,
+) -> None:
+    """Decode the `wanted` frames (sorted) into `frames`. Frames are recognised by pts (by their
+    count from the start where the file has none). With `seek`, each run of wanted frames after
+    a keyframe the decoder has not reached yet starts with a seek to that keyframe, and only
+    frames at or after it are taken: frames before a keyframe in presentation order may need
+    pictures the seek skipped (open GOP)."""
+    position = {p: k for k, p in enumerate(index.pts)} if index.pts is not None else None
+    height, width = index.coded  # pinned: a mid-stream size change cannot break stacking
+    with av_errors(index.path, "decoding failed"), av_open(index.path) as container:
+        stream = container.streams[index.stream]
+        stream.thread_type = "AUTO"
+        if threads > 0:
+            stream.codec_context.thread_count = threads
+        todo, floor, reached = list(wanted), None, -1  # reached: the last frame decoded
+        while todo:
+            if seek:
+                key = index.key_before(todo[0])
+                if key > max(reached, 0):  # skip the frames in between (none before the first key)
+                    container.seek(index.pts[key], stream=stream, backward=True)
+                    floor, reached = key, key - 1
+            count = 0
+            for frame in _frames(index.path, container, stream, errors, strict=position is None):
+                k = count if position is None else position.get(frame.pts, -1)
                 count += 1
-                if count > last:
+                if k < 0 or (floor is not None and k < floor):
+                    continue
+                reached = max(reached, k)
+                if k in todo:
+                    frames[k] = _rgb(frame, width, height, index.info.rotation)
+                    todo.remove(k)
+                while todo and todo[0] < k:  # passed without coming out: left to the pass from the start
+                    todo.pop(0)
+                if not todo or (seek and index.key_before(todo[0]) > reached):
                     break
-        if count == 0:
-            raise VideoDecodeError(self.path, "no frames")
-        if count <= last:
-            raise VideoDecodeError(
-                self.path, f"frame {last} asked for, but only {count} frames could be decoded"
-            )
-        return np.stack([frames[i] for i in unique.tolist()])
-
-    def close(self) -> None:
-        pass
+            else:
+                return  # the end of the stream: what is still in `todo` cannot be decoded
 
 
-@contextlib.contextmanager
-def _open_video(path: str | Path, backend: str, threads: int) -> Iterator[_DecordVideo | _PyAVVideo]:
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown video backend {backend!r}; choose from {', '.join(BACKENDS)}")
-    path = Path(path)
-    header = _probe_header(path)
-    video = (_DecordVideo if backend == "decord" else _PyAVVideo)(path, header, threads)
+def _frames(path: Path, container, stream, errors: list[str], strict: bool) -> Iterator[av.VideoFrame]:
+    """The stream's decoded frames from where the container is; a packet that fails to decode is
+    skipped and its error kept (refused when `strict`: without pts, later frames cannot be placed)."""
+    for packet in container.demux(stream):
+        try:
+            decoded = packet.decode()
+        except av.FFmpegError as e:
+            if strict:
+                raise VideoDecodeError(
+                    path, f"a packet cannot be decoded ({short_error(e)}) and the file has no "
+                    "presentation times to tell which frames follow"
+                ) from e  # fmt: skip
+            errors.append(short_error(e))
+            continue
+        yield from decoded
+
+
+def _rgb(frame: av.VideoFrame, width: int, height: int, rotation: int) -> np.ndarray:
+    """FFmpeg's RGB conversion (the frame's own colour matrix), then the display rotation."""
+    image = frame.to_ndarray(format="rgb24", width=width, height=height)
+    return np.rot90(image, k=rotation // 90) if rotation else image
+
+
+def _decord_frames(index: VideoIndex, unique: np.ndarray, threads: int) -> np.ndarray:
+    """decord's frames, after checking they are the ones the contract asks for; else `_Inexact`."""
+    if index.decord_refusal:
+        raise _Inexact(index.decord_refusal)
+    try:  # deferred: decord is optional (wheels exist for x86-64 only)
+        from decord import VideoReader, cpu
+    except ImportError as e:
+        raise _Inexact("decord is not installed") from e
     try:
-        yield video
-    finally:
-        video.close()
-
-
-def _probe_header(path: Path) -> _Header:
-    """Cheap checks before any decoder runs: the file exists, is not empty, holds a video."""
-    if not path.exists():
-        raise VideoDecodeError(path, "no such file")
-    if not path.is_file():
-        raise VideoDecodeError(path, "not a regular file")
-    if path.stat().st_size == 0:
-        raise VideoDecodeError(path, "empty file (0 bytes)")
-    with _av_errors(path, "not a readable video"), _av_open(path) as container:
-        # FFmpeg opens still images too, through its `image2` and `*_pipe` demuxers.
-        if container.format.name == "image2" or container.format.name.endswith("_pipe"):
-            raise VideoDecodeError(path, f"a still image ({container.format.name}), not a video")
-        if not container.streams.video:
-            raise VideoDecodeError(path, "no video stream")
-        stream = container.streams.video[0]
-        width, height = stream.codec_context.width, stream.codec_context.height
-        if width <= 0 or height <= 0:
-            raise VideoDecodeError(path, f"invalid frame size {width}x{height}")
-        # FFmpeg learns the pixel format by decoding the first frames; none means no frame
-        # decodes (decord then fails deep inside its filter graph).
-        if stream.codec_context.pix_fmt is None:
-            raise VideoDecodeError(path, "no decodable frames (unknown pixel format)")
-        rate = stream.average_rate or stream.guessed_rate or stream.base_rate
-        fps = float(rate) if rate else 0.0
-        duration = container.duration / 1_000_000 if container.duration else 0.0
-    return _Header(width=width, height=height, fps=fps, duration=duration)
-
-
-def _av_open(path: Path):
-
-    return av.open(str(path), mode="r")
-
-
-@contextlib.contextmanager
-def _av_errors(path: Path, what: str) -> Iterator[None]:
-    """Turn any PyAV/FFmpeg exception into a VideoDecodeError naming the file."""
+        reader = VideoReader(str(index.path), ctx=cpu(0), num_threads=threads)
+    except Exception as e:
+        raise _Inexact(f"cannot open it ({short_error(e, decord=True)})") from e
     try:
-        yield
-    except VideoDecodeError:
+        if len(reader) != index.info.num_frames:
+            raise _Inexact(f"counts {len(reader)} frames, the stream has {index.info.num_frames}")
+        stamps = reader.get_frame_timestamp([0, *unique.tolist()])[:, 0].astype(np.float64)
+        if np.abs((stamps[1:] - stamps[0]) - index.times[unique]).max() > TIME_TOLERANCE:
+            raise _Inexact("its frame times differ from the stream's")
+        batch = reader.get_batch(unique.tolist())
+        batch = batch.asnumpy() if hasattr(batch, "asnumpy") else np.asarray(batch)  # any decord bridge
+    except _Inexact:
         raise
     except Exception as e:
-        raise VideoDecodeError(path, f"{what}: {_short(e)}") from e
+        raise _Inexact(f"failed ({short_error(e, decord=True)})") from e
+    finally:
+        del reader  # decord leaks memory when readers linger
+    if batch.shape[1:3] != (index.info.height, index.info.width):
+        raise _Inexact(
+            f"frame size {batch.shape[2]}x{batch.shape[1]}, not {index.info.width}x{index.info.height}"
+        )
+    return batch
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown video backend {backend!r}; choose from {', '.join(BACKENDS)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -331,44 +373,24 @@ def _av_errors(path: Path, what: str) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------
 
 
-def _info(num_frames: int, fps: float, header: _Header) -> VideoInfo:
-    if not (fps > 0 and math.isfinite(fps)):
-        fps = num_frames / header.duration if header.duration > 0 else 0.0
-    duration = num_frames / fps if fps > 0 else header.duration
-    return VideoInfo(
-        num_frames=num_frames, fps=fps, width=header.width, height=header.height, duration=duration
-    )
-
-
-def _gather(video: _DecordVideo | _PyAVVideo, indices: np.ndarray) -> np.ndarray:
-    """Frames at `indices` (any order, repeats): each distinct frame is decoded once."""
-    if indices.size == 0:
-        return np.empty((0, video.header.height, video.header.width, 3), dtype=np.uint8)
-    unique, inverse = np.unique(indices, return_inverse=True)
-    frames = video.get(unique)  # (U, H, W, 3)
-    return np.ascontiguousarray(frames[inverse], dtype=np.uint8)
-
-
-def _window(
-    video: _DecordVideo | _PyAVVideo, start_sec: float | None, end_sec: float | None
-) -> tuple[int, int]:
-    """Frames [first, stop) shown in the time window; the whole video without one."""
-    n = video.info.num_frames
+def _window(index: VideoIndex, start_sec: float | None, end_sec: float | None) -> tuple[int, int]:
+    """Slots [first, stop) in the time window; the whole video without one."""
+    n = index.info.num_frames
     if start_sec is None and end_sec is None:
         return 0, n
-    fps = video.info.fps
-    if fps <= 0:
-        raise VideoDecodeError(video.path, "unknown frame rate: cannot cut a time window")
+    width = index.slot_width
+    if not width > 0:
+        raise VideoDecodeError(index.path, "unknown duration: cannot cut a time window")
     start = 0.0 if start_sec is None else float(start_sec)
     end = math.inf if end_sec is None else float(end_sec)
     if start < 0 or end <= start:
         raise ValueError(f"time window [{start_sec}, {end_sec}) is empty or negative")
-    first = math.floor(start * fps + 1e-6)  # the frame on screen at start_sec
+    first = math.floor(start / width + 1e-6)  # the slot under start_sec
     if first >= n:
         raise VideoDecodeError(
-            video.path, f"window starts at {start:g}s, after the end of the video ({video.info.duration:g}s)"
+            index.path, f"window starts at {start:g}s, after the end of the video ({index.info.duration:g}s)"
         )
-    stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end * fps - 1e-6)))
+    stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end / width - 1e-6)))
     return first, stop
 
 
@@ -391,10 +413,3 @@ def _resize(frames: np.ndarray, size: int, box: tuple[int, int, int, int]) -> np
     return np.stack(
         [np.asarray(Image.fromarray(f).resize((size, size), Image.BICUBIC, box=box)) for f in frames]
     )
-
-
-def _short(error: BaseException) -> str:
-    """One line of a (possibly very long, multi-line) decoder error message."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else ""
-    return f"{type(error).__name__}: {text[:300]}"

@@ -5,13 +5,26 @@ larger (Flan-T5-XL, OPT-2.7B/6.7B). Extraction needs only the ViT, so `load_visi
 reads just those tensors from the safetensors files (and, from the hub, downloads just the
 shards that hold them): every Dask worker then holds about 1B parameters instead of 4-8B.
 `run_vit` is the one place frames go through a ViT, for `FrameEncoder` and `VideoCaptioner`.
+
+Two checkpoint architectures carry the same kind of ViT under `vision_model.*`: BLIP-2
+(`Blip2ForConditionalGeneration`) and InstructBLIP (`InstructBlipForConditionalGeneration`);
+`ARCHITECTURES` maps a checkpoint's `model_type` to its transformers classes.
+
+Precision (`VIT_PRECISION`): with bf16 compute the ViT keeps fp32 weights and runs under bf16
+autocast, so its matmuls and convolutions run in bf16 while LayerNorms, position embeddings and
+the residual stream stay fp32. `benchmarks/bench_precision.py` measured this closer to fp32 than
+casting the whole ViT to bf16 (what vidcap did before) and than LAVIS's rule (Linear/Conv weights
+in half precision: in transformers the embeddings then follow the patch weights' dtype, and the
+residual stream is half precision from the first block on).
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import huggingface_hub
@@ -19,13 +32,59 @@ import torch
 from huggingface_hub.errors import LocalEntryNotFoundError, RemoteEntryNotFoundError
 from safetensors import safe_open
 from torch import Tensor, nn
-from transformers import Blip2Config, Blip2VisionModel
+from transformers import (
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    Blip2VisionModel,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipVisionModel,
+    PretrainedConfig,
+)
 
 from pipeline.config import ModelConfig
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 PREFIX = "vision_model."
+
+
+@dataclass(frozen=True)
+class Architecture:
+    """The transformers classes of one checkpoint architecture (a `config.json` `model_type`)."""
+
+    config: type
+    vision_model: type
+    model: type
+    qformer_takes_text: bool  # InstructBLIP's Q-Former can also read the instruction's tokens
+
+
+ARCHITECTURES: dict[str, Architecture] = {
+    "blip-2": Architecture(Blip2Config, Blip2VisionModel, Blip2ForConditionalGeneration, False),
+    "instructblip": Architecture(
+        InstructBlipConfig, InstructBlipVisionModel, InstructBlipForConditionalGeneration, True
+    ),
+}
+
+# What the cache fingerprint records as the ViT's precision (`compute_dtype`). The bf16 label
+# changed with the precision rule, so a cache written under the old rule (whole ViT in bf16,
+# recorded as plain "bfloat16") is refused: "compute_dtype: cache 'bfloat16', config '...'".
+VIT_PRECISION = {
+    None: "float32",
+    torch.bfloat16: "bfloat16 autocast (fp32 weights, LayerNorms, position embeddings, residual stream)",
+}
+
+
+def architecture(pretrained: str | Path) -> Architecture:
+    """The architecture of a checkpoint (hub id or folder), from its `config.json`'s `model_type`."""
+    raw, _ = PretrainedConfig.get_config_dict(str(pretrained))
+    model_type = raw.get("model_type", "")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(
+            f"{pretrained}: model_type {model_type!r} is not a BLIP-2 or InstructBLIP checkpoint "
+            f"(vidcap reads {', '.join(ARCHITECTURES)})"
+        )
+    return ARCHITECTURES[model_type]
 
 
 def compute_dtype(model_cfg: ModelConfig, device: torch.device) -> torch.dtype | None:
@@ -41,29 +100,48 @@ def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.Abst
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def frame_size(model_cfg: ModelConfig) -> int:
+    """Side of the frames fed to the ViT: `model.image_size`, or when 0 the checkpoint's own.
+
+    A ViT run at another size than it was trained at interpolates its position embeddings; the
+    default never does that silently (a model trained at 364 px runs at 364 px).
+    """
+    return model_cfg.image_size or checkpoint_image_size(str(model_cfg.pretrained))
+
+
+@functools.lru_cache(maxsize=64)
+def checkpoint_image_size(pretrained: str) -> int:
+    """The image size a checkpoint's ViT was trained at (`vision_config.image_size` in config.json)."""
+    raw, _ = PretrainedConfig.get_config_dict(pretrained)
+    return int(raw.get("vision_config", {}).get("image_size", 224))  # 224: transformers' default
+
+
 def tokens_per_frame(image_size: int, patch_size: int) -> int:
     """ViT tokens per frame: the patches plus CLS (257 for EVA ViT-g at 224 px, patch 14)."""
     return (image_size // patch_size) ** 2 + 1
 
 
-@torch.no_grad()
-def run_vit(vit: nn.Module, pixel_values: Tensor, trained_size: int, dtype: torch.dtype | None) -> Tensor:
-    """(B, T, 3, S, S) normalised frames -> (B, T, L, D) ViT tokens (post-layernorm)."""
+def run_vit(
+    vit: nn.Module, pixel_values: Tensor, trained_size: int, dtype: torch.dtype | None, grad: bool = False
+) -> Tensor:
+    """(B, T, 3, S, S) normalised frames -> (B, T, L, D) ViT tokens (post-layernorm); with
+    `grad` (a ViT being trained, `model.vit: full`) the tokens carry gradients to its weights."""
     b, t = pixel_values.shape[:2]
     weight = vit.embeddings.patch_embedding.weight
     x = pixel_values.flatten(0, 1).to(weight.device, weight.dtype)
     # Frames larger than the ViT was trained on (e.g. 364 px): interpolate position embeddings.
     resize = x.shape[-1] != trained_size
-    with autocast(weight.device, dtype):
+    with torch.set_grad_enabled(grad), autocast(weight.device, dtype):
         tokens = vit(pixel_values=x, interpolate_pos_encoding=resize).last_hidden_state  # (B*T, L, D)
     return tokens.unflatten(0, (b, t))
 
 
-def load_vision_model(pretrained: str | Path) -> tuple[Blip2VisionModel, Blip2Config]:
-    """The `vision_model` of a BLIP-2 checkpoint (hub id or folder), fp32, from safetensors only."""
-    config = Blip2Config.from_pretrained(str(pretrained))
+def load_vision_model(pretrained: str | Path) -> tuple[nn.Module, PretrainedConfig]:
+    """The `vision_model` of a BLIP-2 / InstructBLIP checkpoint (hub id or folder), fp32, safetensors only."""
+    arch = architecture(pretrained)
+    config = arch.config.from_pretrained(str(pretrained))
     with torch.device("meta"):  # no random init of a 1B-parameter ViT: every tensor comes from the file
-        vit = Blip2VisionModel(config.vision_config)
+        vit = arch.vision_model(config.vision_config)
     state = {}
 
     for path in _vision_files(pretrained):
@@ -78,6 +156,11 @@ def load_vision_model(pretrained: str | Path) -> tuple[Blip2VisionModel, Blip2Co
         )
     vit.load_state_dict(state, strict=True, assign=True)
     return vit.eval().requires_grad_(False), config
+
+
+def vision_files(pretrained: str | Path) -> list[Path]:
+    """The safetensors files holding `vision_model.*` tensors (`pipeline.features` hashes them)."""
+    return _vision_files(pretrained)
 
 
 def _vision_files(pretrained: str | Path) -> list[Path]:
@@ -120,17 +203,17 @@ def _from_index(index: Path, fetch: Callable[[str], Path]) -> list[Path]:
 class FrameEncoder(nn.Module):
     """The frozen ViT with `VideoCaptioner`'s frame interface: `encode_frames`, token shape, dtype."""
 
-    def __init__(self, vision_model: Blip2VisionModel, config: Blip2Config, model_cfg: ModelConfig, device):
+    def __init__(self, vision_model: nn.Module, config: PretrainedConfig, model_cfg: ModelConfig, device):
         super().__init__()
         device = torch.device(device or "cpu")
         self.vision_model = vision_model
         self.trained_size = config.vision_config.image_size
         self.vision_width = config.vision_config.hidden_size
         self.patch_size = config.vision_config.patch_size
-        self.tokens_per_frame = tokens_per_frame(model_cfg.image_size, self.patch_size)
+        self.image_size = model_cfg.image_size or self.trained_size  # 0: the checkpoint's own
+        self.tokens_per_frame = tokens_per_frame(self.image_size, self.patch_size)
         self.compute_dtype = compute_dtype(model_cfg, device)
-        if self.compute_dtype == torch.bfloat16:
-            vision_model.to(torch.bfloat16)  # frozen: stored in the compute dtype, as in VideoCaptioner
+        self.precision = VIT_PRECISION[self.compute_dtype]  # fp32 weights; bf16 only inside autocast
         self.to(device)
 
     @classmethod

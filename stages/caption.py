@@ -9,8 +9,14 @@ manifests: our JSONL (`video` or `video_id` per line), a CSV with a `path` (or `
 column, or a `.txt` list of paths (`pipeline/inputs.py`).
 Each video becomes one JSON line in OUT:
 
-    {"video": "/abs/path.mp4", "caption": "a man is cooking", "model": ..., "num_frames": 8,
-     "sampling": "uniform"}                         # or "error": "<why it could not be read>"
+    {"video": "/abs/path.mp4", "caption": "a man is cooking", "confidence": 0.83, "mean_logprob": -0.19,
+     "beam_agreement": 0.71, "model": ..., "num_frames": 8, "sampling": "uniform"}
+                                                    # or "error": "<why it could not be read>"
+
+`confidence` (geometric-mean token probability of the caption), `mean_logprob` and, with beam
+search, `beam_agreement` (word overlap of the top beams) are `pipeline/confidence.py`'s; they make
+OUT a training set that keeps only confident captions (`format: captions_jsonl`, README,
+Pseudo-labelling).
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
@@ -26,7 +32,8 @@ How OUT stays correct when several workers write and anything can be killed
 * a video counts as done when OUT holds its record (all its windows, in window mode);
   re-running with the same OUT captions only the others, so nothing is done twice and no
   record is duplicated;
-* one run at a time per OUT: a lock file `OUT.lock` refuses a second concurrent run.
+* one run at a time per OUT: a lock beside it (`.OUT.lock`) refuses a second concurrent run;
+* OUT may not be one of the inputs (a manifest, a video): that is refused before anything is written.
 
 Errors (missing, empty, corrupt, non-video files) become `error` records and never stop the run.
 """
@@ -48,7 +55,8 @@ from typing import Any
 
 import torch
 
-from pipeline.config import Config
+from pipeline.confidence import captions_with_confidence
+from pipeline.config import Config, absolute_path, model_location
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
 from pipeline.model import VideoCaptioner, is_export
@@ -61,12 +69,20 @@ from pipeline.runtime.cluster import (
     on_every_worker,
     prefetch_map,
     progress_counter,
+    require_shared_paths,
     run_chunks,
     split_chunks,
     worker_cached,
 )
 from pipeline.runtime.records import exclusive_writer, merge_parts, read_records, recorded_videos
-from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_logger
+from pipeline.runtime.stage import (
+    Stage,
+    StageError,
+    check_outputs_apart,
+    resolve_device,
+    stage_entry,
+    stage_logger,
+)
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
 from pipeline.video import VideoDecodeError, load_clip, probe_video
@@ -75,6 +91,7 @@ CAPTIONS_FILE = "captions.jsonl"
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
 
 
+@stage_entry("caption")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """The pipeline's `caption` stage: caption `caption.inputs` with the run's model into `caption.out`."""
     if not config.caption.inputs:
@@ -92,11 +109,13 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
 def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Config) -> dict[str, Any]:
     """Caption every video `inputs` name into the JSONL `out_path`, skipping those already in it."""
     started = time.time()
-    out = Path(out_path)
+    config = config.with_absolute_paths()  # what the workers get, wherever they were started
+    model_path, out = model_location(model_path), Path(absolute_path(out_path))
     out.parent.mkdir(parents=True, exist_ok=True)
     parts = out.with_name(out.name + ".parts")
     log = stage_logger("caption", out.with_name(out.name + ".log"))
     cap = config.caption
+    check_outputs_apart({"--out": out}, {f"input {name!r}": name for name in inputs})
     with exclusive_writer(out):
         _refuse_other_settings(out, model_path, config)
         items = expand_inputs(inputs, log)
@@ -113,6 +132,13 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
                      len(items), len(items) - len(todo), out, len(todo), mode, model_path)  # fmt: skip
             totals = _Totals(videos=len(items), skipped=len(items) - len(todo))
             if not nothing_to_do:
+                local_model = model_path if os.path.isabs(model_path) else ""  # else a hub id
+                shared = {
+                    "model folder": local_model,
+                    "output folder": str(out.parent),
+                    "video": todo[0].video,
+                }
+                require_shared_paths(client, shared, log)
                 on_every_worker(client, load_captioner, model_path, config)  # load before the clock starts
             totals.started = time.time()
             workers = len(client.nthreads()) if client is not None else 0
@@ -174,6 +200,7 @@ class _Totals(Tally):
         self.captioned += result["captioned"]
         self.errors += result["errors"]
         self.add_seconds({k: result[k] for k in TIMERS})
+        self.add_fallbacks(result.get("decode_fallbacks", {}))
 
     def summary(self, out: Path, model: str, mode: str, setup_s: float, seconds: float) -> dict[str, Any]:
         common = self.common_summary(mode, self.captioned + self.errors, setup_s, seconds)
@@ -196,7 +223,7 @@ def load_captioner(model_path: str, config: Config) -> tuple[Any, dict[str, Any]
             model = VideoCaptioner.from_trained(model_path, device=device)  # its own frames and size
         else:  # a base BLIP-2: zero-shot with config.model's settings
             model = VideoCaptioner.from_pretrained(model_path, config.model, load_vision=True, device=device)
-        return model, {"num_frames": model.cfg.num_frames, "image_size": model.cfg.image_size}
+        return model, {"num_frames": model.cfg.num_frames, "image_size": model.image_size}
 
     key = ("captioner", model_path, json.dumps(dataclasses.asdict(config.model), sort_keys=True), device)
     model, settings = worker_cached(key, load)
@@ -214,7 +241,12 @@ def caption_task(
     name, items = task
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
-    result: dict[str, Any] = {"captioned": 0, "errors": 0, **dict.fromkeys(TIMERS, 0.0)}
+    result: dict[str, Any] = {
+        "captioned": 0,
+        "errors": 0,
+        **dict.fromkeys(TIMERS, 0.0),
+        "decode_fallbacks": {},
+    }
     base = {**_settings(model_path, config), "num_frames": settings["num_frames"]}
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
@@ -241,10 +273,11 @@ def caption_task(
 
 def _caption_batch(
     model: Any, pixels: Any, device: str, config: Config, timers: dict[str, float]
-) -> list[str]:
+) -> list[dict[str, Any]]:
+    """`{"caption", "confidence", "mean_logprob"[, "beam_agreement"]}` per clip (`pipeline/confidence.py`)."""
 
     cap = config.caption
-    texts: list[str] = []
+    texts: list[dict[str, Any]] = []
     for first in range(0, pixels.shape[0], cap.batch_size):  # a long video's windows: several calls
         started = time.perf_counter()
         tokens = model.encode_frames(pixels[first : first + cap.batch_size])  # (B, T, L, D)
@@ -252,13 +285,9 @@ def _caption_batch(
             torch.cuda.synchronize()  # so the ViT's time is not billed to generate
         timers["vit_s"] += time.perf_counter() - started
         started = time.perf_counter()
-        out = model.generate(
-            tokens,
-            num_beams=cap.num_beams,
-            max_new_tokens=cap.max_new_tokens,
-            min_new_tokens=cap.min_new_tokens,
+        texts += captions_with_confidence(
+            model, tokens, cap.num_beams, cap.max_new_tokens, cap.min_new_tokens
         )
-        texts += out.texts
         timers["generate_s"] += time.perf_counter() - started
     return texts
 
@@ -285,12 +314,12 @@ class _ClipBatch:
 
         return torch.stack([c.pixels for c in self.clips])  # (B, T, 3, S, S)
 
-    def records(self, captions: list[str], base: dict[str, Any]) -> list[dict[str, Any]]:
-        records = [_record(c, base, caption=text) for c, text in zip(self.clips, captions, strict=True)]
+    def records(self, captions: list[dict[str, Any]], base: dict[str, Any]) -> list[dict[str, Any]]:
+        records = [_record(c, base, **caption) for c, caption in zip(self.clips, captions, strict=True)]
         return records + [_record(c, base, error=c.error) for c in self.errors]
 
 
-def _record(clip: _Clip, base: dict[str, Any], **result: str) -> dict[str, Any]:
+def _record(clip: _Clip, base: dict[str, Any], **result: Any) -> dict[str, Any]:
     record: dict[str, Any] = {"video": clip.item.video}
     if clip.item.video_id:
         record["video_id"] = clip.item.video_id
@@ -319,16 +348,22 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
     """Clips of `items` in order, decoded about two batches ahead in `pool`."""
     ahead = 2 * config.caption.batch_size + config.caption.decode_workers
     decode = partial(_decode_item, settings=settings, config=config)
-    for (clips, seconds), waited in prefetch_map(pool, decode, items, ahead):
+    for (clips, seconds, fallbacks), waited in prefetch_map(pool, decode, items, ahead):
         timers["decode_s"] += seconds
         timers["decode_wait_s"] += waited
+        for reason in set(fallbacks):  # once per video, however many windows it has
+            timers["decode_fallbacks"][reason] = timers["decode_fallbacks"].get(reason, 0) + 1
         yield from clips
 
 
-def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> tuple[list[_Clip], float]:
-    """One video's clips (one, or one per window) as normalised pixels, or one error clip."""
+def _decode_item(
+    item: VideoInput, settings: dict[str, int], config: Config
+) -> tuple[list[_Clip], float, list[str]]:
+    """One video's clips (one, or one per window) as normalised pixels, or one error clip; and why
+    decoding fell back to pyav, if it did."""
 
     started = time.perf_counter()
+    fallbacks: list[str] = []
     backend, threads = config.decode.backend, config.decode.threads
     try:
         spans: list[tuple[float | None, float | None]] = [(None, None)]
@@ -348,6 +383,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
                 threads=threads,
                 start_sec=start,
                 end_sec=end,
+                fallbacks=fallbacks,
             )  # (T, S, S, 3)
             clips.append(
                 _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
@@ -356,7 +392,7 @@ def _decode_item(item: VideoInput, settings: dict[str, int], config: Config) -> 
         clips = [_Clip(item, error=str(e))]
     except Exception as e:  # one video must never stop a run over millions: record why, go on
         clips = [_Clip(item, error=f"{item.video}: {type(e).__name__}: {e}")]
-    return clips, time.perf_counter() - started
+    return clips, time.perf_counter() - started, fallbacks
 
 
 def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:

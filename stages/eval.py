@@ -47,11 +47,12 @@ from typing import Any
 import torch
 
 from cache.store import FeatureStore, StoreError, diff_fingerprints
-from pipeline.annotations import VideoRecord, load_manifest
+from pipeline.annotations import VideoRecord, load_manifest, require_references
 from pipeline.config import Config
 from pipeline.data import CacheSource, VideoSource
+from pipeline.features import store_problems
 from pipeline.metrics import coco_scores, require_java
-from pipeline.model import VideoCaptioner, is_export
+from pipeline.model import VideoCaptioner, export_settings, is_export
 from pipeline.published import format_table
 from pipeline.qa import (
     QaItem,
@@ -63,9 +64,10 @@ from pipeline.qa import (
     qa_dataset,
 )
 from pipeline.runtime.files import atomic_write_bytes, atomic_write_json
-from pipeline.runtime.stage import Stage, StageError, progress, resolve_device
+from pipeline.runtime.stage import Stage, StageError, progress, resolve_device, stage_entry
 from pipeline.sampling import VIEW_SCHEME
 from pipeline.video import VideoDecodeError
+from pipeline.vision import frame_size
 
 MODEL_KEYWORDS = {"ce": "train", "scst": "scst"}  # keyword -> stage whose `best/` it is
 ZERO_SHOT = "zero_shot"
@@ -81,6 +83,7 @@ class ModelSpec:
     """Export folder (`save_trained`); None for the zero-shot pretrained model."""
 
 
+@stage_entry("eval")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Caption and score the split with every model of `eval.models`; returns the summary."""
     stage = Stage(config, "eval", force=force)
@@ -93,14 +96,16 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
             return stage.summary
         # Same settings, other weights (a checkpoint appeared or was retrained): the scores are stale.
         stage.log.info("eval: the models to evaluate changed since the last eval; evaluating again")
-        stage = Stage(config, "eval", force=True)
+        stage.reopen()
     qa_items: list[QaItem] = []
     if config.data.task == "qa":  # questions about the split's videos instead of captions of them
         questions = load_qa(config.data)
         qa_items, records = questions.split(split), questions.records(split)
     else:
         require_java()  # fail before hours of beam search, not after
-        records = load_manifest(config.data).split(split)
+        manifest = load_manifest(config.data)
+        require_references(manifest, split)  # before hours of captioning, naming the files searched
+        records = manifest.split(split)
     source = choose_source(config, [r.video_id for r in records], stage.log)
     device = resolve_device(config.run.device)
 
@@ -108,7 +113,8 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     predictions: dict[str, str] = {}
     for spec in specs:
         out_dir = stage.dir / spec.name
-        identity = model_identity(config, spec, split, source)
+        model_source = source_for_model(config, spec, source, stage.log)
+        identity = model_identity(config, spec, split, model_source)
         previous = _read_json(out_dir / "metrics.json")
         if previous is not None and previous.get("identity") == identity and not force:
             stage.log.info("eval %s: already scored with these settings, skipping", spec.name)
@@ -119,7 +125,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
             )
         else:
             metrics[spec.name] = evaluate_model(
-                config, spec, records, source, device, out_dir, identity, stage, resume=not force
+                config, spec, records, model_source, device, out_dir, identity, stage, resume=not force
             )
         predictions[spec.name] = str(out_dir / "predictions.json")
     _set_aside_stale_results(stage, set(metrics))
@@ -174,7 +180,7 @@ def choose_source(config: Config, video_ids: Sequence[str], log: Any) -> str:
     size and sampling, and every video of the split is done or recorded as failed in it (a video
     that failed to decode there would fail here too)."""
     wanted = config.eval.source
-    if wanted == "video":
+    if wanted == "video" or config.model.vit != "frozen":  # a trained ViT never reads the cache
         return "video"
     reason = _cache_problem(config, video_ids)
     if reason is None:
@@ -200,7 +206,7 @@ def _cache_problem(config: Config, video_ids: Sequence[str]) -> str | None:
         # The ViT weights' hash needs the ViT itself; the sampling settings are checked here.
         wanted = {
             "num_frames": config.model.num_frames,
-            "image_size": config.model.image_size,
+            "image_size": frame_size(config.model),
             "sampling": VIEW_SCHEME,
         }
         differences = diff_fingerprints({k: store.fingerprint.get(k) for k in wanted}, wanted)
@@ -214,6 +220,30 @@ def _cache_problem(config: Config, video_ids: Sequence[str]) -> str | None:
             f"{len(missing)} of {len(video_ids)} videos are neither done nor failed in it (e.g. {missing[0]})"
         )
     return None
+
+
+def source_for_model(config: Config, spec: ModelSpec, source: str, log: Any) -> str:
+    """The cache only when it holds this model's tokens: its ViT's weights, its frames and image size.
+
+    A model trained with 4 frames must not be fed an 8-frame cache (without temporal embeddings
+    nothing would notice). With `eval.source: auto` such a model is evaluated from raw videos
+    (decoded with its own settings); with `cache` it is an error listing the differences.
+    """
+    if source != "cache":
+        return source
+    model_cfg = config.model if spec.path is None else export_settings(spec.path)
+    store = FeatureStore.open(config.cache_path)
+    problems = store_problems(store, config, model_cfg.pretrained, model_cfg, training=False)
+    if not problems:
+        return "cache"
+    if config.eval.source == "cache":
+        raise StageError(
+            f"eval {spec.name}: the cache {config.cache_path} does not hold this model's frame tokens:\n  "
+            + "\n  ".join(problems)
+            + "\nextract a cache with the model's settings, or set eval.source=video"
+        )
+    log.info("eval %s: from raw videos, the cache was made otherwise (%s)", spec.name, "; ".join(problems))
+    return "video"
 
 
 def model_identity(config: Config, spec: ModelSpec, split: str, source: str) -> dict[str, Any]:

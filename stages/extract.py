@@ -26,7 +26,8 @@ status per video.
 
 from __future__ import annotations
 
-import hashlib
+import collections
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -38,6 +39,7 @@ import torch
 from cache.store import FeatureStore
 from pipeline.annotations import load_manifest
 from pipeline.config import Config
+from pipeline.features import cache_fingerprint, hash_weights
 from pipeline.runtime.cluster import (
     Tally,
     chunk_size_for,
@@ -48,32 +50,39 @@ from pipeline.runtime.cluster import (
     prefetch_map,
     progress_counter,
     release_cached,
+    require_shared_paths,
     run_chunks,
     split_chunks,
     worker_cached,
 )
-from pipeline.runtime.stage import Stage, StageError, resolve_device
-from pipeline.sampling import VIEW_SCHEME, normalize_frames
+from pipeline.runtime.locks import output_lock
+from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_entry
+from pipeline.sampling import normalize_frames
 from pipeline.video import VideoDecodeError, load_clip
-from pipeline.vision import FrameEncoder
+from pipeline.vision import FrameEncoder, frame_size
 
-STORE_DTYPE = "float16"
 MAX_FAILURES_IN_SUMMARY = 50
 Video = tuple[str, str]  # (video_id, path)
 
 
+@stage_entry("extract")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary."""
     stage = Stage(config, "extract", force=force)
     if stage.done:
         return stage.summary
     started = time.time()
+    config = config.with_absolute_paths()  # what the workers get, wherever they were started
     videos = manifest_videos(config)
     ex = config.extract
-    with dask_client(ex.workers, ex.scheduler) as client:
+    with output_lock(config.cache_path, "feature store"), dask_client(ex.workers, ex.scheduler) as client:
         mode = describe_client(client)
+        first_video = os.path.dirname(videos[0][1]) if videos else ""
+        shared = {"model folder": _local(config.model.pretrained), "video folder": first_video}
+        require_shared_paths(client, shared, stage.log)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
         store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
+        require_shared_paths(client, {"feature store": str(store.path)}, stage.log)
         pending = set(store.pending_ids())
         todo = [v for v in videos if v[0] in pending]
         skipped = len(store.done_ids())
@@ -91,12 +100,17 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     )
     stage.log.info(
         "extract: %d done, %d skipped, %d failed in %.1f s (setup %.1f s; %.2f videos/s; decode %.1f s "
-        "in %d threads, waited for decoding %.1f s, ViT %.1f s, write %.1f s)",
+        "in %d threads, waited for decoding %.1f s, ViT %.1f s, write %.1f s); decoded by pyav instead of %s: %s",
         summary["done"], skipped, summary["failed"], summary["seconds"], summary["setup_s"],
         summary["videos_per_s"], summary["decode_s"], ex.decode_workers, summary["decode_wait_s"],
-        summary["vit_s"], summary["write_s"],
+        summary["vit_s"], summary["write_s"], config.decode.backend, summary["decode_fallbacks"] or "none",
     )  # fmt: skip
     return stage.finish(summary)
+
+
+def _local(model: str) -> str:
+    """The model's folder if it is one here (workers must see it too), else "" (a hub id)."""
+    return model if os.path.isabs(model) else ""
 
 
 def open_store(config: Config, video_ids: list[str], vit: dict[str, Any], overwrite: bool = False) -> Any:
@@ -123,19 +137,7 @@ def manifest_videos(config: Config) -> list[Video]:
 
 def extract_fingerprint(config: Config, vit: dict[str, Any]) -> dict[str, Any]:
     """Everything that determines the cached tokens (the store refuses to mix two of these)."""
-    return {
-        "vit_weights_sha256": vit["weights_sha256"],
-        "tokens_per_frame": vit["tokens_per_frame"],
-        "width": vit["width"],
-        "num_frames": config.model.num_frames,
-        "image_size": config.model.image_size,
-        "sampling": VIEW_SCHEME,
-        "views": 1 + config.cache.train_views,
-        "seed": config.run.seed,
-        "compute_dtype": vit["dtype"],
-        "store_dtype": STORE_DTYPE,
-        "decode_backend": config.decode.backend,
-    }
+    return cache_fingerprint(config, vit)
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,7 +164,7 @@ def load_vit(config: Config) -> tuple[Any, str, str]:
         device,
     )
     model = worker_cached(key, load)
-    dtype = str(model.compute_dtype or torch.float32).removeprefix("torch.")  # bf16 autocast on CUDA
+    dtype = model.precision  # "float32", or bf16 autocast on CUDA (pipeline.vision.VIT_PRECISION)
     return model, device, dtype
 
 
@@ -173,21 +175,11 @@ def describe_vit(config: Config) -> dict[str, Any]:
     return {
         "weights_sha256": worker_cached(key, lambda: hash_weights(model.vision_model)),
         "tokens_per_frame": int(model.tokens_per_frame),
+        "image_size": int(model.image_size),
         "width": int(model.vision_width),
         "device": device,
         "dtype": dtype,
     }
-
-
-def hash_weights(module: Any) -> str:
-    """SHA-256 of a module's tensors (names, dtypes, shapes and bytes), independent of the model id."""
-
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        flat = tensor.detach().reshape(-1).contiguous().cpu()
-        digest.update(f"{name}:{flat.dtype}:{tuple(tensor.shape)};".encode())
-        digest.update(flat.view(torch.uint8).numpy().tobytes() if flat.numel() else b"")
-    return digest.hexdigest()
 
 
 def _same_vit_everywhere(vits: list[dict[str, Any]]) -> dict[str, Any]:
@@ -220,12 +212,14 @@ def extract_videos(
             "tokens: give every worker the same kind of device"
         )
     store = FeatureStore.open(store_path, mode="r+")
-    result: dict[str, Any] = {"done": [], "failed": {}, "seconds": dict.fromkeys(_Totals.TIMERS, 0.0)}
+    result: dict[str, Any] = {"done": [], "failed": {}, "seconds": dict.fromkeys(_Totals.TIMERS, 0.0),
+                              "decode_fallbacks": collections.Counter()}  # fmt: skip
     timers = result["seconds"]
     writing: Future | None = None  # the previous batch, written while the ViT runs on this one
     with ThreadPoolExecutor(max(1, config.extract.decode_workers), thread_name_prefix="decode") as pool, \
             ThreadPoolExecutor(1, thread_name_prefix="write") as writer:  # fmt: skip
-        for batch in _batches(_decoded(videos, config, pool, timers), config.extract.batch_size):
+        decoded = _decoded(videos, config, pool, timers, result["decode_fallbacks"])
+        for batch in _batches(decoded, config.extract.batch_size):
             for video_id, error in batch.failures:
                 store.mark_failed(video_id, error)
                 result["failed"][video_id] = error
@@ -276,39 +270,44 @@ def _batches(decoded: Iterator[tuple[str, Any, str]], batch_size: int) -> Iterat
         yield batch
 
 
-def _decoded(videos: list[Video], config: Config, pool: ThreadPoolExecutor,
-             timers: dict[str, float]) -> Iterator[tuple[str, Any, str]]:  # fmt: skip
-    """(video_id, pixels (V, T, 3, S, S) or None, error) in order, decoded about two batches ahead."""
+def _decoded(videos: list[Video], config: Config, pool: ThreadPoolExecutor, timers: dict[str, float],
+             fallbacks: collections.Counter[str]) -> Iterator[tuple[str, Any, str]]:  # fmt: skip
+    """(video_id, pixels (V, T, 3, S, S) or None, error) in order, decoded about two batches ahead;
+    counts the videos whose decoding fell back to pyav, by reason, into `fallbacks`."""
     ahead = 2 * config.extract.batch_size + config.extract.decode_workers
     decode = partial(_decode_video, config=config)
-    for (video_id, pixels, error, seconds), waited in prefetch_map(pool, decode, videos, ahead):
+    for (video_id, pixels, error, seconds, reasons), waited in prefetch_map(pool, decode, videos, ahead):
         timers["decode_s"] += seconds
         timers["decode_wait_s"] += waited
+        fallbacks.update(set(reasons))
         yield video_id, pixels, error
 
 
-def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float]:
-    """All views of one video as normalised pixels, or the reason it cannot be decoded."""
+def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float, list[str]]:
+    """All views of one video as normalised pixels, or the reason it cannot be decoded; and
+    why the decoder fell back to pyav, if it did."""
 
     video_id, path = video
     started = time.perf_counter()
-    views = []
+    views: list[Any] = []
+    fallbacks: list[str] = []
     try:
         for view in range(1 + config.cache.train_views):
             frames = load_clip(
                 path,
                 config.model.num_frames,
-                config.model.image_size,
+                frame_size(config.model),
                 view=view,
                 seed=config.run.seed,
                 video_id=video_id,
                 backend=config.decode.backend,
                 threads=config.decode.threads,
+                fallbacks=fallbacks,
             )  # (T, S, S, 3) uint8
             views.append(normalize_frames(frames))  # (T, 3, S, S)
     except (VideoDecodeError, OSError, ValueError, RuntimeError) as e:
-        return video_id, None, _reason(e), time.perf_counter() - started
-    return video_id, torch.stack(views), "", time.perf_counter() - started  # (V, T, 3, S, S)
+        return video_id, None, _reason(e), time.perf_counter() - started, fallbacks
+    return video_id, torch.stack(views), "", time.perf_counter() - started, fallbacks  # (V, T, 3, S, S)
 
 
 def _reason(error: BaseException) -> str:
@@ -341,6 +340,7 @@ class _Totals(Tally):
             log.warning("extract: %s failed: %s", video_id, reason)
             self.failures[video_id] = reason
         self.add_seconds(result["seconds"])
+        self.add_fallbacks(result.get("decode_fallbacks", {}))
 
     def summary(
         self, mode: str, store: Any, vit: dict[str, Any], setup_s: float, seconds: float

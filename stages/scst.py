@@ -46,7 +46,7 @@ from pipeline.optim import LoopSettings
 from pipeline.qa import ExactMatchReward, build_qa_job
 from pipeline.runtime.distributed import barrier, setup_distributed
 from pipeline.runtime.files import atomic_write_bytes
-from pipeline.runtime.stage import StageError
+from pipeline.runtime.stage import StageError, stage_entry
 from pipeline.training import BEST, build_job, finish_stage, fit, open_stage
 
 DF_FILE = "cider_df.npz"
@@ -144,6 +144,7 @@ def _df_matches(cache: Path, stamp: Path, digest: str) -> bool:
         return False
 
 
+@stage_entry("scst")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Self-critical training from `<run>/train/best`; returns the summary (best val CIDEr-D, whether SCST beat CE)."""
 
@@ -160,11 +161,15 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     model = VideoCaptioner.from_trained(start, device=env.device, load_vision=config.train.source == "video")
     s = config.scst
     if config.data.task == "qa":  # reward: exact match with the answer, the metric QA is scored by
-        job = build_qa_job(config, model, stage, env, LoopSettings.from_scst(config), start_is_candidate=True)
+        job = build_qa_job(
+            config, model, stage, env, LoopSettings.from_config(config, "scst"), start_is_candidate=True
+        )
         lengths = dict(max_new_tokens=config.qa.max_new_tokens, min_new_tokens=config.qa.min_new_tokens)
         scorer, keys_from = ExactMatchReward(), "captions"
     else:
-        job = build_job(config, model, stage, env, LoopSettings.from_scst(config), start_is_candidate=True)
+        job = build_job(
+            config, model, stage, env, LoopSettings.from_config(config, "scst"), start_is_candidate=True
+        )
         manifest = load_manifest(config.data)
         scorer = training_scorer(manifest.references(config.data.train_split), stage.dir / DF_FILE, env)
         lengths = dict(max_new_tokens=s.max_new_tokens, min_new_tokens=config.eval.min_new_tokens)

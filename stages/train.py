@@ -3,8 +3,9 @@
     vidcap train --config configs/msrvtt_t5xl_ce.yaml                      # one process (GPU or CPU)
     torchrun --nproc_per_node 8 run_pipeline.py --config configs/msrvtt_t5xl_ce.yaml --stages train
 
-`train.batch_size` is the global batch: with 8 processes and `train.grad_accum: 2`, each
-process runs micro-batches of batch_size / 16. Frame tokens come from the feature cache
+`train.batch_size` is the global batch and `train.gpu_batch` the per-process micro-batch: 512
+and 64 run without accumulation on 8 processes and accumulate 4 micro-batches on 2
+(`vidcap plan --gpus N` shows the split). Frame tokens come from the feature cache
 (`train.source: cache`, the ViT is not even loaded) or from the videos (`video`: decode + ViT
 every step, for comparison or when there is no cache).
 
@@ -28,12 +29,13 @@ from typing import Any
 import torch
 
 from pipeline.config import Config
+from pipeline.mixture import mixture_job
 from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
 from pipeline.qa import build_qa_job
 from pipeline.runtime.distributed import setup_distributed
 from pipeline.runtime.files import atomic_write_json
-from pipeline.runtime.stage import StageError
+from pipeline.runtime.stage import StageError, stage_entry
 from pipeline.training import BEST_SCORE_FILE, best_model_dir, build_job, finish_stage, fit, open_stage
 
 
@@ -42,6 +44,7 @@ def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[
     return model.ce_loss(batch["frame_tokens"], batch["captions"], prompts=batch.get("prompts")), {}
 
 
+@stage_entry("train")
 def run(config: Config, force: bool = False) -> dict[str, Any]:
     """Train with cross-entropy; returns the summary (best val CIDEr-D, epochs, steps, seconds, best path)."""
 
@@ -54,7 +57,9 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         config.model.pretrained, config.model, load_vision=config.train.source == "video", device=env.device
     )
     build = build_qa_job if config.data.task == "qa" else build_job  # QA: questions in, answers out
-    job = build(config, model, stage, env, LoopSettings.from_train(config), captions=config.train.captions)
+    job = build(config, model, stage, env, LoopSettings.from_config(config, "train"))
+    if config.data.train_sets:  # validation stays on the labelled data; SCST trains on it alone
+        job = mixture_job(job, config, model)
     stage.log.info(
         "train: %d videos (%d examples per epoch, %d steps per epoch), %d validation videos, "
         "source %s, llm %s, %d trainable parameters, %d process(es) on %s",

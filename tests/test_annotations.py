@@ -12,8 +12,9 @@ from pipeline.annotations import (
     find_missing_videos,
     load_manifest,
     read_annotations,
+    require_references,
 )
-from pipeline.config import DataConfig
+from pipeline.config import DataConfig, config_from_dict
 
 
 def write(path: Path, data) -> Path:
@@ -337,3 +338,174 @@ def test_bad_format_or_path_is_an_annotation_error(tmp_path):
         read_annotations("jsonl", tmp_path / "nope.jsonl")
     with pytest.raises(AnnotationError, match="no cap_<split>.json files"):
         read_annotations("lavis", tmp_path)
+
+
+# --- annotation files as they ship -----------------------------------------------------------
+
+
+def msrvtt_release(folder: Path) -> tuple[Path, Path]:
+    """The MSR-VTT 2016 release's two files, in its layout (fields the readers ignore included):
+    6 train + 2 validate videos in train_val, 3 test videos in test; 2 captions per video."""
+
+    def video(i: int, split: str) -> dict:
+        return {"category": i % 20, "url": f"https://www.youtube.com/watch?v=x{i}", "video_id": f"video{i}",
+                "start time": 1.0, "end time": 11.0, "split": split, "id": i}  # fmt: skip
+
+    def sentences(ids, start):
+        return [{"caption": f"caption {k} of video{i}", "video_id": f"video{i}", "sen_id": start + 2 * n + k}
+                for n, i in enumerate(ids) for k in range(2)]  # fmt: skip
+
+    info = {"contributor": "Microsoft MSM group", "data_created": "2016-04-14 14:30:20", "version": "1.0"}
+    train_val = {
+        "info": info,
+        "videos": [video(i, "train") for i in range(6)] + [video(i, "validate") for i in (6, 7)],
+        "sentences": sentences(range(8), 0),
+    }
+    test = {
+        "info": info,
+        "videos": [video(i, "test") for i in (8, 9, 10)],
+        "sentences": sentences((8, 9, 10), 16),
+    }
+    return write(folder / "train_val_videodatainfo.json", train_val), write(
+        folder / "test_videodatainfo.json", test
+    )
+
+
+def _counts(manifest):
+    return {
+        s: (len(manifest.split(s)), sum(len(r.captions) for r in manifest.split(s)))
+        for s in manifest.splits()
+    }
+
+
+def test_msrvtt_release_as_a_folder_or_a_list_of_its_two_files(tmp_path):
+    train_val, test = msrvtt_release(tmp_path / "msrvtt")
+    write(tmp_path / "msrvtt" / "category.txt", "music\t0\n")  # shipped beside them; not JSON, ignored
+    expected = {"train": (6, 12), "val": (2, 4), "test": (3, 6)}
+    for given in (tmp_path / "msrvtt", [str(train_val), str(test)], [str(test), str(train_val)]):
+        m = read_annotations("msrvtt", given, video_root="/v")
+        assert _counts(m) == expected
+        assert m.splits() == ["train", "val", "test"]
+        assert m.get("video9") == VideoRecord(
+            "video9", "/v/video9.mp4", "test", ("caption 0 of video9", "caption 1 of video9")
+        )
+    config = DataConfig(format="msrvtt", annotations=[str(train_val), str(test)], video_root="/v")
+    assert _counts(load_manifest(config)) == expected
+    # one file alone is still read, with only its splits
+    assert _counts(read_annotations("msrvtt", train_val)) == {"train": (6, 12), "val": (2, 4)}
+
+
+def test_msrvtt_video_in_both_files_names_both(tmp_path):
+    train_val, test = msrvtt_release(tmp_path)
+    data = json.loads(test.read_text())
+    data["videos"][0]["video_id"] = "video3"  # also in train_val
+    write(test, data)
+    with pytest.raises(AnnotationError, match=r"\(video_id 'video3'\): duplicate video_id \(also in ") as err:
+        read_annotations("msrvtt", tmp_path)
+    assert str(train_val) in str(err.value) and str(test) in str(err.value)
+
+
+def test_msrvtt_folder_without_its_files(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AnnotationError, match="train_val_videodatainfo.json and test_videodatainfo.json"):
+        read_annotations("msrvtt", tmp_path / "empty")
+
+
+def test_a_list_is_refused_by_formats_that_read_one_file(tmp_path):
+    a, b = write(tmp_path / "a.jsonl", "\n"), write(tmp_path / "b.jsonl", "\n")
+    with pytest.raises(AnnotationError, match="format 'jsonl' reads one file or folder, got a list"):
+        read_annotations("jsonl", [a, b])
+
+
+def lavis_cache(cache: Path, ds: str, gt_names: str) -> Path:
+    """A LAVIS cache: `<cache>/<ds>/annotations/cap_{train,val,test}.json` and the val/test ground
+    truth under the paper fork's names (`<ds>_gt/<ds>_<split>_gt.json`) or current LAVIS's
+    (`<ds>_cap_gt/<ds>_cap_<split>_annotations.json`). 3 train, 1 val, 2 test videos."""
+    folder = cache / ds / "annotations"
+    write(folder / "cap_train.json", [{"video": f"{ds}{i}.mp4", "caption": f"train {i} {k}", "image_id": i}
+                                      for i in range(3) for k in range(2)])  # fmt: skip
+    split_videos = {"val": [3], "test": [4, 5]}
+    for split, ids in split_videos.items():
+        write(folder / f"cap_{split}.json", [{"video": f"{ds}{i}.mp4", "image_id": i} for i in ids])
+        gt = {"annotations": [{"image_id": i, "caption": f"{ds} {split} {i} {k}", "id": 10 * i + k}
+                              for i in ids for k in range(3)],
+              "images": [{"id": i} for i in ids]}  # fmt: skip
+        path = (cache / f"{ds}_gt" / f"{ds}_{split}_gt.json" if gt_names == "fork"
+                else cache / f"{ds}_cap_gt" / f"{ds}_cap_{split}_annotations.json")  # fmt: skip
+        write(path, gt)
+    return folder
+
+
+@pytest.mark.parametrize("gt_names", ["fork", "current"])
+def test_lavis_ground_truth_under_the_forks_and_current_lavis_names(tmp_path, gt_names):
+    folder = lavis_cache(tmp_path / "cache", "msvd", gt_names)
+    m = read_annotations("msvd", folder)
+    assert _counts(m) == {"train": (3, 6), "val": (1, 3), "test": (2, 6)}
+    assert m.get("msvd5").captions == ("msvd test 5 0", "msvd test 5 1", "msvd test 5 2")
+
+
+def test_lavis_shared_cache_takes_the_datasets_own_ground_truth(tmp_path):
+    """Both datasets' ground truth in one cache: each folder joins its own, not the first found."""
+    lavis_cache(tmp_path / "cache", "msrvtt", "current")
+    msvd = lavis_cache(tmp_path / "cache", "msvd", "current")
+    assert read_annotations("msvd", msvd).get("msvd4").captions[0] == "msvd test 4 0"
+    msrvtt = read_annotations("lavis", tmp_path / "cache" / "msrvtt" / "annotations")
+    assert msrvtt.get("msrvtt4").captions[0] == "msrvtt test 4 0"
+
+
+def test_split_without_references_stops_naming_the_files_searched(tmp_path):
+    folder = lavis_cache(tmp_path / "cache", "msvd", "current")
+    (tmp_path / "cache" / "msvd_cap_gt" / "msvd_cap_test_annotations.json").unlink()
+    m = read_annotations("msvd", folder)
+    require_references(m, "val")  # val still has its ground truth
+    with pytest.raises(AnnotationError) as err:
+        require_references(m, "test")
+    message = str(err.value)
+    assert "split 'test' has 2 videos but no reference captions" in message
+    for searched in ("cap_test_gt.json", "msrvtt_gt/msrvtt_test_gt.json", "msvd_gt/msvd_test_gt.json",
+                     "msvd_cap_gt/msvd_cap_test_annotations.json", "cap_test.json"):  # fmt: skip
+        assert searched in message
+
+
+def test_eval_stops_before_captioning_a_split_without_references(tmp_path, monkeypatch):
+    import stages.eval
+
+    rows = [{"video_id": f"v{i}", "split": split, "captions": ["a cap"] if split == "train" else []}
+            for i, split in enumerate(["train", "val", "test", "test"])]  # fmt: skip
+    annotations = write(tmp_path / "ann.jsonl", jsonl(*rows))
+    monkeypatch.setattr(stages.eval, "evaluate_model", lambda *a, **k: pytest.fail("captioning started"))
+    config = config_from_dict({"run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
+                               "data": {"annotations": str(annotations)}, "eval": {"models": ["zero_shot"]}})  # fmt: skip
+    with pytest.raises(AnnotationError, match=rf"split 'test' has 2 videos but no reference captions; looked in: {annotations}"):  # fmt: skip
+        stages.eval.run(config)
+
+
+def test_vatex_file_with_an_explicit_split(tmp_path):
+    file = write(tmp_path / "my_vatex.json", [{"videoID": "a_000001_000011", "enCap": ["x", "y"]}])
+    with pytest.raises(AnnotationError, match="or set data.annotations_split"):
+        read_annotations("vatex", file)
+    m = read_annotations("vatex", file, split="val")
+    assert [(r.video_id, r.split, r.captions) for r in m] == [("a_000001_000011", "val", ("x", "y"))]
+    assert _counts(
+        load_manifest(DataConfig(format="vatex", annotations=str(file), annotations_split="test"))
+    ) == {"test": (1, 2)}
+    with pytest.raises(AnnotationError, match="names the split of one file, not of a folder"):
+        read_annotations("vatex", tmp_path, split="val")
+    with pytest.raises(AnnotationError, match="applies to format vatex only"):
+        read_annotations("msrvtt", file, split="val")
+
+
+def test_score_with_a_duplicate_id_is_a_one_line_error(tmp_path):
+    from click.testing import CliRunner
+
+    from pipeline.app.cli import main
+
+    gts = write(tmp_path / "gts.json", {"annotations": [{"image_id": "v1", "caption": "a dog runs"}]})
+    res = write(
+        tmp_path / "res.json",
+        [{"image_id": "v1", "caption": "a dog"}, {"image_id": "v1", "caption": "a cat"}],
+    )
+    result = CliRunner().invoke(main, ["score", str(gts), str(res), "--impl", "fast"])
+    assert result.exit_code == 1
+    assert result.output.strip().splitlines() == [f"Error: {res}: record 1: second caption for 'v1'"]
+    assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback

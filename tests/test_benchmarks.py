@@ -20,3 +20,12 @@ def test_bench_gpu_smoke_run_on_cpu_prints_every_section():
         "1",
         "2",
     ]
+
+
+def test_bench_decode_smoke_run_prints_every_method():
+    args = [sys.executable, str(ROOT / "benchmarks/bench_decode.py"), "--clips", "1", "--seconds", "1", "1",
+            "--repeat", "1", "--no-zoo"]  # fmt: skip
+    out = subprocess.run(args, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    methods = [line.split("  ")[1].strip() for line in out.stdout.splitlines() if "videos/s/core" in line]
+    assert methods == ["sequential (all frames)", "pyav T=8", "pyav T=16", "decord T=8", "decord T=16"]

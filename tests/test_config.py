@@ -19,10 +19,15 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def test_defaults_match_the_paper_recipe():
     config = Config()
-    assert (config.model.num_frames, config.model.image_size, config.model.prompt) == (8, 224, "a video of")
+    # prompt and min_new_tokens unset: each LM flavour's seed values (tests/test_flavours.py)
+    assert (config.model.num_frames, config.model.image_size, config.model.prompt) == (
+        8,
+        0,
+        None,
+    )  # 0: the checkpoint's 224
     assert (config.train.lr, config.train.min_lr, config.train.weight_decay) == (5e-5, 1e-5, 0.05)
-    assert (config.eval.num_beams, config.eval.max_new_tokens, config.eval.min_new_tokens) == (5, 32, 5)
-    assert config.decode.backend == "decord"
+    assert (config.eval.num_beams, config.eval.max_new_tokens, config.eval.min_new_tokens) == (5, 32, None)
+    assert config.decode.backend == "pyav"
 
 
 def test_yaml_and_overrides(tmp_path):

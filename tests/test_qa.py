@@ -266,7 +266,7 @@ def test_per_example_prompts_are_padded_without_changing_any_example(tiny_models
     frames = torch.randn(2, 2, 17, 32, generator=torch.Generator().manual_seed(0))  # (B, T, L, D)
     answers = ["red", "a red square moves left"]
     # The shared prompt given per example is the shared prompt.
-    same = model.ce_loss(frames, answers, prompts=["a video of"] * 2)
+    same = model.ce_loss(frames, answers, prompts=[model.prompt] * 2)
     assert torch.allclose(same, model.ce_loss(frames, answers), atol=1e-6)
     # Prompts of different lengths: each example scores as it would alone (padding is masked).
     ids = model.generate(frames, num_beams=1, max_new_tokens=4, min_new_tokens=2, prompts=PROMPTS).token_ids
@@ -362,3 +362,47 @@ def test_tiny_qa_run_trains_and_evaluates_from_the_demo_cache(tiny_world, tmp_pa
         assert set(per_question_accuracy(rows)) == {"color", "shape", "direction", "end", "corners"}
     log = (tmp_path / "run/eval/log.txt").read_text()
     assert "top-1 accuracy x 100" in log
+
+
+# --------------------------------------------------------------------------------------------
+# Presets
+# --------------------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+QA_PRESETS = {  # QA preset -> the captioning preset whose cache it reads, and the published train size
+    "msrvtt_qa_t5xl": ("msrvtt_t5xl_ce", 158_581),
+    "msvd_qa_t5xl": ("msvd_t5xl_lora_scst", 30_933),
+}
+
+
+@pytest.mark.parametrize("preset", sorted(QA_PRESETS))
+def test_qa_presets_read_their_captioning_cache_with_the_seed_recipe(preset):
+    from pipeline.config import load_config
+    from pipeline.plan import plan_config
+
+    qa, (captioning, questions) = load_config(ROOT / f"configs/{preset}.yaml"), QA_PRESETS[preset]
+    caption = load_config(ROOT / f"configs/{captioning}.yaml")
+    # The captioning cache, read with its own frames, image size, views, seed and decoder: no extraction.
+    same = (
+        "cache.path",
+        "cache.train_views",
+        "model.num_frames",
+        "model.image_size",
+        "run.seed",
+        "decode.backend",
+    )
+    for key in same:
+        section, name = key.split(".")
+        assert getattr(getattr(qa, section), name) == getattr(getattr(caption, section), name), key
+    assert qa.data.task == "qa" and qa.model.llm == "frozen"  # the paper's QA row: Q-Former only
+    assert (qa.qa.num_beams, qa.qa.max_new_tokens, qa.qa.length_penalty) == (5, 10, -1.0)  # predict_answers
+    assert qa.qa.prompt == "Question: {} Short answer:" and qa.qa.dataset in preset
+    train, scst = plan_config(qa, gpus=8)
+    assert (train.examples_per_epoch, train.total_steps, train.global_batch, train.gpu_batch) == (
+        questions,
+        15_000,
+        512,
+        64,
+    )
+    assert (qa.train.lr, qa.train.min_lr, qa.train.warmup_steps) == (5e-5, 1e-5, 1000)
+    assert (scst.global_batch, scst.gpu_batch) == (16, 2)

@@ -227,3 +227,72 @@ def test_sigkill_mid_run_leaves_a_consistent_store(tmp_path):
     for video_id in pending[:20]:  # the rest can be written
         store.write_video(video_id, _tokens(store.index_of(video_id), shape))
     assert len(store.done_ids()) == len(done) + 20
+
+
+# ---------------------------------------------------------------------------------------
+# The store proves what it serves: checksums in the done markers
+# ---------------------------------------------------------------------------------------
+
+
+def test_done_markers_hold_each_chunks_size_and_crc(tmp_path):
+    import json
+    import zlib
+
+    store = _create(tmp_path / "f.zarr")
+    store.write_video(IDS[1], _tokens(1))
+    store.write_video(IDS[2], np.zeros(SHAPE, np.float32))  # zarr stores no all-zero chunk
+    marker = json.loads((tmp_path / "f.zarr/status/done/1").read_text())
+    chunk = (tmp_path / "f.zarr/tokens/c/1/1/0/0/0").read_bytes()
+    assert marker["video_id"] == IDS[1] and marker["chunks"][1] == [len(chunk), zlib.crc32(chunk)]
+    assert json.loads((tmp_path / "f.zarr/status/done/2").read_text())["chunks"] == [None, None]
+    np.testing.assert_array_equal(store.read([IDS[2]])[0], np.zeros(SHAPE[1:], np.float16))  # legit zeros
+    assert store.verify() == {"checked": 2, "damaged": {}, "repaired": False}
+
+
+def test_a_damaged_chunk_is_an_error_naming_the_video_never_zeros(tmp_path):
+    store = _create(tmp_path / "f.zarr")
+    for i in range(3):
+        store.write_video(IDS[i], _tokens(i))
+    (tmp_path / "f.zarr/tokens/c/0/1/0/0/0").unlink()  # deleted
+    flipped = tmp_path / "f.zarr/tokens/c/1/0/0/0/0"
+    data = bytearray(flipped.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, one byte changed
+    flipped.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"video 'video0' \(index 0\) is marked done .* view 1 .* missing"):
+        store.read([IDS[2], IDS[0]], views=1)
+    with pytest.raises(StoreError, match=r"video 'video1' .* corrupt \(CRC-32"):
+        store.read([IDS[1]])
+    np.testing.assert_array_equal(store.read([IDS[0]], views=0)[0], _tokens(0)[0].astype(np.float16))
+    report = FeatureStore.open(tmp_path / "f.zarr").verify()
+    assert report["checked"] == 3 and sorted(report["damaged"]) == [IDS[0], IDS[1]]
+    with pytest.raises(StoreError, match="read-only"):
+        FeatureStore.open(tmp_path / "f.zarr").verify(repair=True)
+    assert store.verify(repair=True)["repaired"]
+    assert store.pending_ids() == [IDS[0], IDS[1], *IDS[3:]] and store.verify()["damaged"] == {}
+
+
+def test_an_older_stores_marker_without_checksums_still_reads_and_a_bad_chunk_names_the_video(tmp_path):
+    shape = (1, 4, 64, 256)  # large enough for blosc to compress (tiny chunks are stored as they are)
+    store = _create(tmp_path / "f.zarr", shape=shape, codec="blosc-zstd")
+    store.write_video(IDS[0], _tokens(0, shape))
+    (tmp_path / "f.zarr/status/done/0").write_text(IDS[0])  # format of an older vidcap: the id only
+    np.testing.assert_array_equal(store.read([IDS[0]])[0], _tokens(0, shape)[0].astype(np.float16))
+    chunk = tmp_path / "f.zarr/tokens/c/0/0/0/0/0"
+    chunk.write_bytes(chunk.read_bytes()[:50])  # truncated: blosc cannot decode it
+    with pytest.raises(StoreError, match=r"video 'video0' .* cannot be decoded"):
+        store.read([IDS[0]])
+    assert list(store.verify()["damaged"]) == [IDS[0]]
+
+
+def test_overwrite_replaces_only_a_feature_store(tmp_path):
+    from cache.store import is_feature_store
+
+    theirs = tmp_path / "data"
+    theirs.mkdir()
+    (theirs / "keep.txt").write_text("x")
+    (theirs / "zarr.json").write_text('{"zarr_format": 3, "node_type": "group", "attributes": {}}')
+    assert not is_feature_store(theirs) and is_feature_store(_create(tmp_path / "f.zarr").path)
+    with pytest.raises(StoreError, match="not a vidcap feature store"):
+        _create(theirs, overwrite=True)
+    assert (theirs / "keep.txt").read_text() == "x"
+    _create(tmp_path / "f.zarr", overwrite=True)  # ours: replaced

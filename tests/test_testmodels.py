@@ -165,6 +165,30 @@ def test_full_size_shapes_on_meta(preset, lm_params):
         assert config.text_config.vocab_size == 50272 and config.use_decoder_only_language_model
 
 
+def test_tiny_instructblip_folder_opens_with_plain_transformers(tmp_path):
+    from transformers import InstructBlipForConditionalGeneration, LlamaForCausalLM
+
+    folder = init_model(tmp_path / "ib", "tiny-instructblip", seed=0)
+    model = InstructBlipForConditionalGeneration.from_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    qformer_tok = AutoTokenizer.from_pretrained(folder, subfolder="qformer_tokenizer")
+    assert isinstance(model.language_model, LlamaForCausalLM)
+    assert tok("a video of").input_ids[0] == tok.bos_token_id == 1 and tok.eos_token_id == 2
+    ids = qformer_tok("a video of").input_ids
+    assert ids[0] == qformer_tok.cls_token_id and ids[-1] == qformer_tok.sep_token_id and len(ids) == 5
+    assert model.config.qformer_config.vocab_size >= len(qformer_tok)
+    assert model.config.image_token_index == tok.convert_tokens_to_ids(IMAGE_TOKEN)
+
+
+def test_vicuna_7b_shapes_on_meta():
+    model = build_blip2("vitg-vicuna-7b", device="meta")
+    assert type(model).__name__ == "InstructBlipForConditionalGeneration"
+    vit = sum(p.numel() for p in model.vision_model.parameters())
+    lm = sum(p.numel() for p in model.language_model.parameters())
+    assert 0.98e9 < vit < 1.0e9 and 6.7e9 < lm < 6.8e9  # LLaMA-7B: 6.74B
+    assert model.config.text_config.model_type == "llama" and model.config.use_decoder_only_language_model
+
+
 def test_unknown_preset_is_named():
     with pytest.raises(ValueError, match="tiny-t5"):
         build_blip2("tiny-llama")

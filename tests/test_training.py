@@ -285,3 +285,112 @@ def test_resume_refuses_a_changed_data_plan(tmp_path):
     check_checkpoint_plan(tmp_path, 3, 6)  # the same plan: resumes
     with pytest.raises(StageError, match="3 steps per epoch and 6 steps in all; the data now gives 4 and 8"):
         check_checkpoint_plan(tmp_path, 4, 8)
+
+
+# ---------------------------------------------------------------------------------------
+# Seed-style data plan: every pair, fresh views, global vs per-process batch, iteration budget
+# ---------------------------------------------------------------------------------------
+
+
+def test_each_read_of_a_video_takes_its_next_view():
+    """From the cache, a video's reads cycle through its stored views (over epochs too); from video,
+    every read draws a view never drawn before, whose first draws are the cached ones."""
+    cached = TrainPlan(_records(4, 3), seed=0, captions="all", num_views=3, global_batch=4)
+    fresh = TrainPlan(_records(4, 3), seed=0, captions="all", num_views=3, global_batch=4, fresh_views=True)
+    for video in ("v0", "v3"):
+        seen = [e.view for epoch in range(3) for e in cached.epoch(epoch)[:12] if e.video_id == video]
+        assert (
+            len(seen) == 9
+            and set(seen) == {1, 2}
+            and all(a != b for a, b in zip(seen, seen[1:], strict=False))
+        )
+        drawn = sorted(e.view for epoch in range(3) for e in fresh.epoch(epoch)[:12] if e.video_id == video)
+        assert len(set(drawn)) == 9 and drawn[0] in (1, 2)  # 3 epochs x 3 captions: 9 distinct views
+    first = [(e.video_id, e.view) for e in cached.epoch(0)[:12]]
+    assert [
+        (v, 1 + (view - 1) % 2) for v, view in [(e.video_id, e.view) for e in fresh.epoch(0)[:12]]
+    ] == first
+    assert cached.epoch(2) == TrainPlan(_records(4, 3), 0, "all", 3, 4).epoch(
+        2
+    )  # a function of (seed, epoch)
+
+
+def test_global_batch_per_process_batch_and_accumulation():
+    from pipeline.config import ConfigError, TrainConfig
+
+    seed_recipe = TrainConfig(batch_size=512, gpu_batch=64)
+    assert seed_recipe.accumulation(8) == (64, 1) and seed_recipe.accumulation(2) == (64, 4)
+    assert TrainConfig(batch_size=64, grad_accum=2).accumulation(8) == (4, 2)
+    with pytest.raises(
+        ConfigError, match=r"train.batch_size \(512\) must be train.gpu_batch \(64\) x processes \(3\)"
+    ):
+        seed_recipe.accumulation(3)
+    with pytest.raises(ConfigError, match="set train.gpu_batch or train.grad_accum, not both"):
+        TrainConfig(batch_size=512, gpu_batch=64, grad_accum=2)
+    with pytest.raises(
+        ConfigError, match=r"scst.batch_size \(16\) must be a multiple of scst.gpu_batch \(3\)"
+    ):
+        from pipeline.config import ScstConfig
+
+        ScstConfig(batch_size=16, gpu_batch=3)
+
+
+def test_iteration_budget_validates_every_n_steps_and_resumes_mid_round(tiny_world, tmp_path):
+    """`max_steps` + `val_every` (LAVIS's inner epochs) cross epoch boundaries (3 steps an epoch here);
+    the schedule ends with the budget; a run resumed in the middle of a round ends bit for bit equal."""
+    import shutil
+
+    from safetensors.torch import load_file
+
+    import stages.train as train
+
+    sections = {"train": {"max_steps": 7, "val_every": 4, "checkpoint_every": 5, "gpu_batch": 2}}
+    config = tiny_config(tiny_world, tmp_path / "a", **sections)
+    summary = train.run(config)
+    assert summary["steps"] == 7 and summary["steps_per_epoch"] == 3 and summary["epochs"] == 3
+    records = [
+        json.loads(line) for line in (config.stage_dir("train") / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [(r["epoch"], r["step"]) for r in records if r["kind"] == "epoch"] == [(0, 0), (1, 4), (2, 7)]
+    lrs = [r["lr"] for r in records if r["kind"] == "step"]
+    assert lrs[0] < 1e-6 and lrs[1:3] == pytest.approx([5e-4, 1e-3])  # 2 warm-up steps from 1e-8, the peak
+
+    again = tiny_config(tiny_world, tmp_path / "b", **sections)
+    train.run(again)
+    out = again.stage_dir("train")
+    assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step_00000005", "step_00000007"]
+    (out / "DONE.json").unlink()  # as if killed before step 7: resume at step 5, mid-round and mid-epoch
+    shutil.rmtree(out / "checkpoints/step_00000007")
+    train.run(again)
+    assert "resuming from" in (out / "log.txt").read_text()
+    a = load_file(str(config.stage_dir("train") / "checkpoints/step_00000007/trainable.safetensors"))
+    b = load_file(str(out / "checkpoints/step_00000007/trainable.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_best_checkpoint_by_beam_search_cider_plus_bleu4(tiny_world, tmp_path):
+    """`select: beam_cider_bleu4` (LAVIS): validation with eval's beams, best by CIDEr-D + BLEU-4."""
+    import stages.train as train
+
+    config = tiny_config(tiny_world, tmp_path, train={"epochs": 1, "select": "beam_cider_bleu4"},
+                         eval={"num_beams": 3})  # fmt: skip
+    summary = train.run(config)
+    out = config.stage_dir("train")
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rounds = [r for r in records if r["kind"] == "epoch"]
+    assert [r["epoch"] for r in rounds] == [0, 1] and summary["select"] == "beam_cider_bleu4"
+    for r in rounds:
+        assert 0 <= r["val_bleu4"] <= 1 and r["val_score"] == pytest.approx(r["val_cider"] + r["val_bleu4"])
+    best = json.loads((out / "best/val_score.json").read_text())
+    assert best["val_score"] == rounds[1]["val_score"] and best["val_cider"] == summary["best_val_cider"]
+
+
+def test_lavis_weight_decay_reaches_query_tokens_and_embeddings(tiny_world):
+    """`no_decay: [bias, norm]` (the presets, as LAVIS): every >= 2-d weight decays but norms."""
+    model = _model(tiny_world, temporal_embeddings=True)
+    decay, no_decay = param_groups(model, 0.05, no_decay_names=("bias", "norm"))
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed, skipped = {names[id(p)] for p in decay["params"]}, {names[id(p)] for p in no_decay["params"]}
+    assert {"blip.query_tokens", "temporal_embeddings"} <= decayed
+    assert all(p.ndim >= 2 and "norm" not in names[id(p)].lower() for p in decay["params"])
+    assert all(p.ndim < 2 or "norm" in names[id(p)].lower() for p in no_decay["params"]) and skipped

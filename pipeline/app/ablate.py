@@ -51,12 +51,12 @@ from typing import Any
 import click
 import yaml
 
-from pipeline.config import Config, ConfigError, load_config, stage_fingerprint, stage_settings
+from pipeline.config import Config, ConfigError, load_config, stage_settings
 from pipeline.demo.facts import order_word_accuracy, true_facts
 from pipeline.demo.probe import format_probe_table, probe_ablation_caches
 from pipeline.runtime.commandline import user_errors
 from pipeline.runtime.files import atomic_write_json
-from pipeline.runtime.stage import read_done
+from pipeline.runtime.stage import current_fingerprint, read_done
 
 RESULTS_FILE = "ablations.json"
 REPORTABLE_MODELS = ("zero_shot", "ce", "scst")
@@ -264,7 +264,7 @@ def variant_rows(variant: Variant) -> list[dict[str, Any]]:
     (none before its eval ran, or when the file changed since: results of other settings are no rows)."""
 
     config = variant.config
-    if (read_done(config, "eval") or {}).get("fingerprint") != stage_fingerprint(config, "eval"):
+    if (read_done(config, "eval") or {}).get("fingerprint") != current_fingerprint(config, "eval"):
         return []
     facts = true_facts(config)
     extract = (read_done(config, "extract") or {}).get("summary", {})

@@ -173,15 +173,32 @@ def cache() -> None:
 @click.option(
     "--json", "as_json", is_flag=True, help="Print JSON (videos, done, failed, fingerprint, bytes)."
 )
+@click.option("--verify", is_flag=True, help="Check every chunk of every done video against its checksum.")
+@click.option(
+    "--repair", is_flag=True, help="With --verify: mark damaged videos pending, so extract redoes them."
+)
 @user_errors
-def cache_info(path: str, as_json: bool) -> None:
-    """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk."""
+def cache_info(path: str, as_json: bool, verify: bool, repair: bool) -> None:
+    """What a cache holds: videos done and failed (with reasons), fingerprint, size on disk.
+
+    With --verify, every chunk of every done video is checked (size and CRC-32); the exit
+    status is 1 when any is missing or damaged.
+    """
     from cache.store import FeatureStore
 
-    info = FeatureStore.open(path).info()
+    store = FeatureStore.open(path, mode="r+" if repair else "r")
+    info = store.info()
+    if verify or repair:
+        info["verify"] = store.verify(repair=repair)
     if as_json:
         print_json(info)
-        return
+    else:
+        _print_cache_info(path, info)
+    if info.get("verify", {}).get("damaged"):
+        raise SystemExit(1)
+
+
+def _print_cache_info(path: str, info: dict) -> None:
     failed = info.get("failed", {})
     click.echo(
         f"{path}: {info['done']}/{info['videos']} videos done, {len(failed)} failed, "
@@ -191,6 +208,13 @@ def cache_info(path: str, as_json: bool) -> None:
         click.echo(f"  {key}: {value}")
     for video_id, reason in list(failed.items())[:20]:
         click.echo(f"  failed {video_id}: {reason}")
+    if "verify" in info:
+        checked = info["verify"]
+        click.echo(f"verified {checked['checked']} done videos: {len(checked['damaged'])} damaged")
+        for reason in list(checked["damaged"].values())[:20]:
+            click.echo(f"  {reason}")
+        if checked["repaired"]:
+            click.echo("  damaged videos are pending again: run extract to redo them")
 
 
 @main.command("config-reference")
@@ -209,6 +233,24 @@ def show_config(config_path: str | None, overrides: tuple[str, ...]) -> None:
     import yaml
 
     click.echo(yaml.safe_dump(cli_config(config_path, overrides).to_dict(), sort_keys=False))
+
+
+@main.command()
+@config_options
+@click.option("--gpus", default=8, show_default=True, help="Processes the stages will run on (torchrun's).")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON, for scripts.")
+@user_errors
+def plan(config_path: str | None, overrides: tuple[str, ...], gpus: int, as_json: bool) -> None:
+    """Print each training stage's effective recipe (examples, steps, batch split, LR, frames, precision,
+    trainable parameters, generation) before anything runs."""
+    from pipeline.plan import format_plan, plan_config
+
+    config = cli_config(config_path, overrides)
+    plans = plan_config(config, gpus)
+    if as_json:
+        print_json({"config": config.source, "gpus": gpus, "stages": [p.to_dict() for p in plans]})
+    else:
+        click.echo(format_plan(plans, config.source), nl=False)
 
 
 @main.command()

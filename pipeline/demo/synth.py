@@ -257,15 +257,34 @@ def make_synthetic_world(
     fps: int = 8,
     ext: str = ".mp4",
     splits: tuple[float, float, float] = (0.6, 0.2, 0.2),
+    unlabelled: float = 0.0,
 ) -> dict:
-    """Write the synthetic world under `out_dir` (see the module docstring); return its summary."""
+    """Write the synthetic world under `out_dir` (see the module docstring); return its summary.
+
+    `unlabelled`: this fraction of the training videos (the last ones) becomes the split
+    ``unlabelled``, without captions (their ``facts`` stay, for scoring pseudo-labels), also
+    listed in ``pool.jsonl`` (``{"video_id", "video"}``, paths relative to `out_dir`), the manifest
+    a pseudo-labelling run captions. The videos and every other caption are those of the same
+    world without it.
+    """
     if num_videos <= 0 or frames < 2 or size < 16:
         raise ValueError(f"need num_videos > 0, frames >= 2, size >= 16; got {num_videos}, {frames}, {size}")
+    if not 0.0 <= unlabelled < 1.0:
+        raise ValueError(f"unlabelled must be a fraction in [0, 1), got {unlabelled}")
     out = Path(out_dir)
     counts = split_counts(num_videos, tuple(splits))
     rng = np.random.default_rng(seed)
     scenes = draw_scenes(num_videos, rng)
     split_of = [name for name in SPLITS for _ in range(counts[name])]
+    if unlabelled:
+        pool = round(counts["train"] * unlabelled)
+        counts = {
+            "train": counts["train"] - pool,
+            "unlabelled": pool,
+            "val": counts["val"],
+            "test": counts["test"],
+        }
+        split_of = [name for name in counts for _ in range(counts[name])]
     rows = []
     for i, (scene, split) in enumerate(zip(scenes, split_of, strict=True)):
         video_id = f"synth{i:04d}"
@@ -275,17 +294,25 @@ def make_synthetic_world(
             "split": split,
             "captions": scene_captions(scene, rng),
         }
+        if split == "unlabelled":
+            row["captions"] = []
         rows.append({**row, "facts": scene.facts(), "scene": asdict(scene)})
     for row, scene in zip(rows, scenes, strict=True):
         write_video(out / "videos" / row["video"], render_scene(scene, frames, size), fps=fps)
     _write_json(out / "annotations.jsonl", rows, lines=True)
     _write_lavis(out / "lavis", rows)
+    if unlabelled:
+        pool_rows = [
+            {"video_id": r["video_id"], "video": f"videos/{r['video']}"} for r in rows if not r["captions"]
+        ]
+        _write_json(out / "pool.jsonl", pool_rows, lines=True)
     qa_files = write_world_qa(out)
     summary = {
         "out_dir": str(out),
         "videos": str(out / "videos"),
         "annotations": str(out / "annotations.jsonl"),
         "lavis": str(out / "lavis"),
+        **({"pool": str(out / "pool.jsonl"), "unlabelled": unlabelled} if unlabelled else {}),
         "num_videos": num_videos,
         "counts": counts,
         "seed": seed,

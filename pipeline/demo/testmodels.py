@@ -1,5 +1,5 @@
-"""Randomly initialised BLIP-2 models built from configs: tiny ones for tests and the demo,
-full-size ones (published shapes, random weights) for GPU speed and memory benchmarks.
+"""Randomly initialised BLIP-2 and InstructBLIP models built from configs: tiny ones for tests
+and the demo, full-size ones (published shapes, random weights) for GPU speed and memory benchmarks.
 
 Nothing is downloaded. `init_model` writes an ordinary Hugging Face folder that plain
 `Blip2ForConditionalGeneration.from_pretrained(folder)` and `AutoTokenizer.from_pretrained(folder)`
@@ -11,7 +11,13 @@ A tiny model gets its own word-level tokenizer (the real T5 / OPT tokenizers nee
 from the hub) whose special tokens follow the language model's conventions:
 
 * T5:  `<pad>`=0, `</s>`=1 (eos), `<unk>`=2; decoder start = pad; `</s>` appended to every text.
-* OPT: `<s>`=0, `<pad>`=1, `</s>`=2 (bos and eos), `<unk>`=3; `</s>` prepended to every text.
+* OPT: `<s>`=0, `<pad>`=1, `</s>`=2 (bos and eos), `<unk>`=3; `</s>` prepended to every text;
+  a newline token (an ordinary, non-special token, as OPT's id 50118): BLIP-2's OPT ends captions
+  with it and generates with it as EOS.
+* LLaMA (Vicuna, in InstructBLIP): `<unk>`=0 (also pad), `<s>`=1 (bos), `</s>`=2 (eos); `<s>`
+  prepended to every text. InstructBLIP folders also hold the Q-Former's own BERT-style tokenizer
+  (`[PAD]`, `[UNK]`, `[CLS]`, `[SEP]`; `[CLS] text [SEP]`) in `qformer_tokenizer/`, as
+  `InstructBlipProcessor` saves it.
 
 Both also carry an `<image>` token (`config.image_token_index`), the placeholder the
 transformers 5 BLIP-2 processor puts where the query outputs go.
@@ -27,22 +33,31 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 from transformers import (
     Blip2Config,
-    Blip2ForConditionalGeneration,
     Blip2Processor,
     Blip2QFormerConfig,
     Blip2VisionConfig,
+    InstructBlipConfig,
+    InstructBlipProcessor,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
+    LlamaConfig,
     OPTConfig,
+    PretrainedConfig,
+    PreTrainedModel,
     PreTrainedTokenizerFast,
     T5Config,
 )
 from transformers.models.blip.image_processing_pil_blip import BlipImageProcessorPil
 
+from pipeline.vision import ARCHITECTURES
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 IMAGE_TOKEN = "<image>"
+NEWLINE = "\n"
 
 # Random ViTs need a real init scale: Blip2VisionConfig's default initializer_range is
 # 1e-10, which makes a random ViT output ~0 everywhere (no signal reaches the Q-Former).
@@ -51,15 +66,16 @@ RANDOM_INIT_RANGE = 0.02
 
 @dataclass(frozen=True)
 class Preset:
-    """One named BLIP-2 configuration: keyword arguments of each sub-config."""
+    """One named BLIP-2 / InstructBLIP configuration: keyword arguments of each sub-config."""
 
-    flavour: str  # "t5" (encoder-decoder) or "opt" (decoder-only)
+    flavour: str  # "t5" (encoder-decoder), "opt" or "llama" (decoder-only): pipeline.model.FLAVOURS
     vision: dict[str, Any]
     qformer: dict[str, Any]
     text: dict[str, Any]
     num_query_tokens: int
     tiny: bool
     image_token_index: int | None = None  # full-size: the id the published tokenizers use
+    architecture: str = "blip-2"  # or "instructblip" (pipeline.vision.ARCHITECTURES)
     notes: str = field(default="", compare=False)
 
 
@@ -76,6 +92,9 @@ _TINY_T5 = dict(d_model=64, d_ff=96, d_kv=16, num_layers=2, num_decoder_layers=2
 _TINY_OPT = dict(hidden_size=64, word_embed_proj_dim=64, ffn_dim=96, num_hidden_layers=2,
                  num_attention_heads=4, max_position_embeddings=256,
                  pad_token_id=1, bos_token_id=2, eos_token_id=2)  # fmt: skip
+_TINY_LLAMA = dict(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=4, max_position_embeddings=256, tie_word_embeddings=False,
+                   pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 
 # EVA ViT-g/14 (39 blocks, width 1408, 224 px -> 256 patches + CLS = 257 tokens) and a
 # BERT-base Q-Former with cross-attention every 2nd layer: Blip2*Config's defaults.
@@ -89,6 +108,10 @@ _FLAN_T5_XL = dict(d_model=2048, d_ff=5120, d_kv=64, num_layers=24, num_decoder_
 _OPT_2_7B = dict(hidden_size=2560, word_embed_proj_dim=2560, ffn_dim=10240, num_hidden_layers=32,
                  num_attention_heads=32, vocab_size=50272, max_position_embeddings=2048,
                  pad_token_id=1, bos_token_id=2, eos_token_id=2)  # fmt: skip
+# Vicuna-7B (LLaMA-7B shapes; InstructBLIP's tokenizer adds a pad token: 32,001 ids).
+_VICUNA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                  num_key_value_heads=32, vocab_size=32001, max_position_embeddings=2048,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)  # fmt: skip
 
 PRESETS: dict[str, Preset] = {
     "tiny-t5": Preset("t5", _TINY_VISION, _TINY_QFORMER, _TINY_T5, num_query_tokens=8, tiny=True),
@@ -113,7 +136,27 @@ PRESETS: dict[str, Preset] = {
         image_token_index=50265,
         notes="Salesforce/blip2-opt-2.7b shapes, ~3.7B parameters",
     ),
+    "tiny-instructblip": Preset(
+        "llama",
+        _TINY_VISION,
+        _TINY_QFORMER,
+        _TINY_LLAMA,
+        num_query_tokens=8,
+        tiny=True,
+        architecture="instructblip",
+    ),
+    "vitg-vicuna-7b": Preset(
+        "llama",
+        _VITG,
+        _QFORMER_BASE,
+        _VICUNA_7B,
+        num_query_tokens=32,
+        tiny=False,
+        architecture="instructblip",
+        notes="Salesforce/instructblip-vicuna-7b shapes, ~7.9B parameters",
+    ),
 }
+_TEXT_CONFIGS: dict[str, type[PretrainedConfig]] = {"t5": T5Config, "opt": OPTConfig, "llama": LlamaConfig}
 
 # Special tokens per flavour, in id order (ids 0..n-1), and the roles they play.
 _SPECIALS = {
@@ -122,7 +165,12 @@ _SPECIALS = {
         ["<s>", "<pad>", "</s>", "<unk>"],
         dict(pad_token="<pad>", bos_token="</s>", eos_token="</s>", unk_token="<unk>"),
     ),
+    "llama": (
+        ["<unk>", "<s>", "</s>"],
+        dict(pad_token="<unk>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"),
+    ),
 }
+_QFORMER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 
 # Always in the tiny vocabulary, so any config's prompt and typical captions tokenise.
 _BASE_TEXT = """
@@ -177,18 +225,23 @@ def build_tokenizer(flavour: str, words: list[str]) -> PreTrainedTokenizerFast:
     for word in sorted(set(words) - set(vocab)):
         vocab[word] = len(vocab)
     vocab[IMAGE_TOKEN] = len(vocab)
+    if flavour == "opt":
+        vocab[NEWLINE] = len(vocab)
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    if flavour == "opt":  # matched before whitespace splitting (which would drop it)
+        tok.add_tokens([AddedToken(NEWLINE, normalized=False, special=False)])
     tok.normalizer = normalizers.Lowercase()
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)  # joins words with spaces
-    eos = ("</s>", vocab["</s>"])
+    eos = ("</s>", vocab["</s>"])  # T5's; the decoder-only LMs prepend their bos instead
     if flavour == "t5":  # like T5's tokenizer: append </s>
         tok.post_processor = processors.TemplateProcessing(
             single="$A </s>", pair="$A </s> $B </s>", special_tokens=[eos]
         )
-    else:  # like OPT's (GPT-2) tokenizer: prepend </s> as bos
+    else:  # like OPT's (GPT-2) tokenizer: prepend </s> as bos; LLaMA's: prepend <s>
+        bos = roles["bos_token"]
         tok.post_processor = processors.TemplateProcessing(
-            single="</s> $A", pair="</s> $A $B", special_tokens=[eos]
+            single=f"{bos} $A", pair=f"{bos} $A $B", special_tokens=[(bos, vocab[bos])]
         )
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
@@ -198,15 +251,45 @@ def build_tokenizer(flavour: str, words: list[str]) -> PreTrainedTokenizerFast:
     )
 
 
+def build_qformer_tokenizer(words: list[str]) -> PreTrainedTokenizerFast:
+    """InstructBLIP's Q-Former tokenizer in miniature: word-level, `[CLS] text [SEP]` (BERT's form)."""
+    vocab = {token: i for i, token in enumerate(_QFORMER_SPECIALS)}
+    for word in sorted(set(words) - set(vocab)):
+        vocab[word] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]"
+    )
+
+
 def blip2_config(
-    preset: str, vocab_size: int | None = None, image_token_index: int | None = None
-) -> Blip2Config:
-    """The Blip2Config of a preset; `vocab_size` overrides the LM's (tiny models: the tokenizer's)."""
+    preset: str,
+    vocab_size: int | None = None,
+    image_token_index: int | None = None,
+    qformer_vocab_size: int | None = None,
+) -> PretrainedConfig:
+    """The Blip2Config (InstructBlipConfig for InstructBLIP presets) of a preset; `vocab_size`
+    overrides the LM's and `qformer_vocab_size` the InstructBLIP Q-Former's (tiny: the tokenizers')."""
     p = _preset(preset)
     text = dict(p.text)
     if vocab_size is not None:
         text["vocab_size"] = vocab_size
-    text_config = T5Config(**text) if p.flavour == "t5" else OPTConfig(**text)
+    text_config = _TEXT_CONFIGS[p.flavour](**text)
+    if p.architecture == "instructblip":
+        qformer = {**p.qformer, **({"vocab_size": qformer_vocab_size} if qformer_vocab_size else {})}
+        return InstructBlipConfig(
+            vision_config=InstructBlipVisionConfig(**p.vision, initializer_range=RANDOM_INIT_RANGE).to_dict(),
+            qformer_config=InstructBlipQFormerConfig(**qformer, pad_token_id=0).to_dict(),
+            text_config=text_config.to_dict(),
+            num_query_tokens=p.num_query_tokens,
+            image_token_index=image_token_index if image_token_index is not None else p.image_token_index,
+        )
     vision = Blip2VisionConfig(**p.vision, initializer_range=RANDOM_INIT_RANGE)
     return Blip2Config(
         vision_config=vision.to_dict(),
@@ -224,18 +307,20 @@ def build_blip2(
     device: str | torch.device | None = None,
     dtype: torch.dtype | None = None,
     image_token_index: int | None = None,
-) -> Blip2ForConditionalGeneration:
-    """A randomly initialised BLIP-2, built directly in `dtype` (Q-Former and queries stay fp32, as
-    transformers keeps them). `device="meta"` gives the full-size shapes without memory;
-    `device="cuda", dtype=torch.bfloat16` a full-size model for GPU benchmarks (~8 GB)."""
+    qformer_vocab_size: int | None = None,
+) -> PreTrainedModel:
+    """A randomly initialised BLIP-2 (or InstructBLIP), built directly in `dtype` (Q-Former and
+    queries stay fp32, as transformers keeps them). `device="meta"` gives the full-size shapes
+    without memory; `device="cuda", dtype=torch.bfloat16` a full-size model for GPU benchmarks
+    (~8 GB; Vicuna-7B ~16 GB)."""
     p = _preset(preset)
-    config = blip2_config(preset, vocab_size, image_token_index)
+    config = blip2_config(preset, vocab_size, image_token_index, qformer_vocab_size)
     torch.manual_seed(seed)
     default_dtype = torch.get_default_dtype()
     try:  # building in the target dtype avoids a 16 GB fp32 copy of the full-size models
         torch.set_default_dtype(dtype or default_dtype)
         with torch.device(device or "cpu"):
-            model = Blip2ForConditionalGeneration(config)
+            model = ARCHITECTURES[p.architecture].model(config)
     finally:
         torch.set_default_dtype(default_dtype)
     if str(device) != "meta":
@@ -272,28 +357,47 @@ def init_model(
     out = Path(out_dir)
     words = _WORD.findall(prompt.lower()) + list(BASE_WORDS) + (_words_from(vocab_from) if vocab_from else [])
     tokenizer = build_tokenizer(p.flavour, words)
+    qformer_tokenizer = build_qformer_tokenizer(words) if p.architecture == "instructblip" else None
     image_id = tokenizer.convert_tokens_to_ids(IMAGE_TOKEN)
+    qformer_vocab = None
     if p.tiny:
         vocab_size, dtype = -(-len(tokenizer) // 8) * 8, dtype or torch.float32
+        qformer_vocab = -(-len(qformer_tokenizer) // 8) * 8 if qformer_tokenizer else None
     else:
         vocab_size, dtype = None, dtype or torch.bfloat16
         print(f"init_model: building {preset} ({p.notes}) in {dtype}; this takes minutes", file=sys.stderr)
-    model = build_blip2(preset, vocab_size=vocab_size, seed=seed, dtype=dtype, image_token_index=image_id)
+    model = build_blip2(
+        preset, vocab_size=vocab_size, seed=seed, dtype=dtype, image_token_index=image_id,
+        qformer_vocab_size=qformer_vocab,
+    )  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
-    _save_image_processor(out, model.config.vision_config.image_size, tokenizer, p.num_query_tokens)
+    _save_image_processor(
+        out, model.config.vision_config.image_size, tokenizer, p.num_query_tokens, qformer_tokenizer
+    )
     return out
 
 
-def _save_image_processor(out: Path, image_size: int, tokenizer: Any, num_query_tokens: int) -> None:
+def _save_image_processor(
+    out: Path, image_size: int, tokenizer: Any, num_query_tokens: int, qformer_tokenizer: Any = None
+) -> None:
     """The image processor (model's image size, CLIP mean/std, bicubic) as `preprocessor_config.json`,
-    and the Blip2Processor (`processor_config.json`, what transformers 5 writes) around it."""
+    and the Blip2Processor / InstructBlipProcessor (`processor_config.json`, what transformers 5
+    writes; InstructBLIP's also writes `qformer_tokenizer/`) around it."""
 
     images = BlipImageProcessorPil(
         size={"height": image_size, "width": image_size}, image_mean=CLIP_MEAN, image_std=CLIP_STD
     )
     images.save_pretrained(out)
+    if qformer_tokenizer is not None:
+        InstructBlipProcessor(
+            image_processor=images,
+            tokenizer=tokenizer,
+            qformer_tokenizer=qformer_tokenizer,
+            num_query_tokens=num_query_tokens,
+        ).save_pretrained(out)
+        return
     Blip2Processor(
         image_processor=images, tokenizer=tokenizer, num_query_tokens=num_query_tokens
     ).save_pretrained(out)

@@ -22,6 +22,7 @@ def build_tiny_world(root: Path, num_videos: int = 20) -> dict[str, str]:
     from cache.store import FeatureStore
     from pipeline.demo.synth import make_synthetic_world
     from pipeline.demo.testmodels import init_model
+    from pipeline.features import cache_fingerprint, hash_weights
     from pipeline.model import VideoCaptioner
     from pipeline.sampling import normalize_frames
     from pipeline.video import load_clip
@@ -31,6 +32,19 @@ def build_tiny_world(root: Path, num_videos: int = 20) -> dict[str, str]:
     cfg = ModelConfig(pretrained=str(model_dir), num_frames=NUM_FRAMES, image_size=IMAGE_SIZE)
     model = VideoCaptioner.from_pretrained(model_dir, cfg, load_vision=True)
     rows = [json.loads(line) for line in Path(world["annotations"]).read_text().splitlines()]
+    paths = {
+        "annotations": world["annotations"],
+        "videos": world["videos"],
+        "model": str(model_dir),
+        "cache": str(root / "features.zarr"),
+        "root": str(root),
+    }
+    vit = {
+        "weights_sha256": hash_weights(model.blip.vision_model),
+        "tokens_per_frame": model.tokens_per_frame,
+        "width": model.vision_width,
+        "dtype": "float32",
+    }
     store = FeatureStore.create(
         root / "features.zarr",
         [r["video_id"] for r in rows],
@@ -38,7 +52,7 @@ def build_tiny_world(root: Path, num_videos: int = 20) -> dict[str, str]:
         num_frames=NUM_FRAMES,
         tokens_per_frame=model.tokens_per_frame,
         width=model.vision_width,
-        fingerprint={"test": "tiny"},
+        fingerprint=cache_fingerprint(tiny_config(paths, root / "unused"), vit),  # as extract writes it
     )
     for row in rows:
         path = str(Path(world["videos"]) / row["video"])
@@ -51,13 +65,6 @@ def build_tiny_world(root: Path, num_videos: int = 20) -> dict[str, str]:
             ]
         )
         store.write_video(row["video_id"], model.encode_frames(normalize_frames(clips)))  # (V, T, L, D)
-    paths = {
-        "annotations": world["annotations"],
-        "videos": world["videos"],
-        "model": str(model_dir),
-        "cache": str(root / "features.zarr"),
-        "root": str(root),
-    }
     ready.write_text(json.dumps(paths))
     return paths
 

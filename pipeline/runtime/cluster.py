@@ -18,7 +18,9 @@ small status per video travels back. Three modes, chosen by two config keys:
   `--memory-limit 0`: Dask's default limit (RAM x threads / cores) is far below what loading
   a BLIP-2 takes, and the nanny would kill the worker. Every worker needs vidcap installed
   and the same paths (videos, cache or caption output, model) on a shared filesystem: tasks
-  write their results there themselves.
+  write their results there themselves. Stages send workers a config whose paths are
+  absolute (`Config.with_absolute_paths`), and check first that each worker sees the
+  shared paths (`require_shared_paths`), so workers may run from any directory.
 
 A worker loads its model once: `worker_cached(key, load)` keeps it in a per-process dict, so
 every later task on that worker reuses it.
@@ -41,6 +43,7 @@ from typing import Any, TypeVar
 
 import torch
 
+from pipeline.errors import StageError
 from pipeline.runtime.stage import progress
 
 T = TypeVar("T")
@@ -220,6 +223,37 @@ def on_every_worker(client: Any, fn: Callable[..., T], *args: Any) -> list[T]:
     return client.gather(futures)
 
 
+def require_shared_paths(client: Any, paths: dict[str, str], log: Any) -> None:
+    """Every worker must see `paths` ({what: absolute path}): logged, then checked on each worker.
+
+    A worker started elsewhere sees the driver's files only through a shared filesystem; one that
+    cannot see a path fails here with one line per worker and path, not later in every task.
+    """
+    if client is None:
+        return
+    wanted = {what: path for what, path in paths.items() if path}
+    log.info("Dask workers must see these paths: %s", "; ".join(f"{w} {p}" for w, p in wanted.items()))
+    blind = []
+    for address, (name, host, cwd, missing) in sorted(client.run(_missing_paths, wanted).items()):
+        blind += [
+            f"worker {name} ({address}, host {host}, cwd {cwd}) cannot see the {w} {p}" for w, p in missing
+        ]
+    if blind:
+        raise StageError(
+            "; ".join(blind) + ". Put these paths on a filesystem every worker mounts at the same place"
+        )
+
+
+def _missing_paths(
+    wanted: dict[str, str], dask_worker: Any = None
+) -> tuple[str, str, str, list[tuple[str, str]]]:
+    import socket
+
+    missing = [(what, path) for what, path in wanted.items() if not os.path.exists(path)]
+    name = str(dask_worker.name) if dask_worker is not None else "?"
+    return name, socket.gethostname(), os.getcwd(), missing
+
+
 def run_chunks(
     client: Any,
     fn: Callable[..., dict],
@@ -264,10 +298,17 @@ class Tally:
         self.videos, self.skipped = videos, skipped
         self.seconds = dict.fromkeys(timers, 0.0)
         self.started = time.time()
+        self.fallbacks: collections.Counter[str] = (
+            collections.Counter()
+        )  # videos whose decoder fell back, by reason
 
     def add_seconds(self, seconds: dict[str, float]) -> None:
         for key, value in seconds.items():
             self.seconds[key] += value
+
+    def add_fallbacks(self, reasons: dict[str, int]) -> None:
+        """Count videos decoded by `pyav` because the configured backend was not exact on them."""
+        self.fallbacks.update(reasons)
 
     def common_summary(self, mode: str, finished: int, setup_s: float, seconds: float) -> dict[str, Any]:
         """Mode, video counts, wall time, set-up time, videos/s since the work began, seconds per phase."""
@@ -280,6 +321,7 @@ class Tally:
             "setup_s": round(setup_s, 2),  # starting workers and loading the model
             "videos_per_s": round(finished / working, 3) if finished and working > 0 else 0.0,
             **{k: round(v, 2) for k, v in self.seconds.items()},
+            "decode_fallbacks": dict(self.fallbacks.most_common()),
         }
 
 

@@ -10,14 +10,13 @@ last line of OUT is cut off first. A record's key is its `video` (and `start`, f
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from pipeline.runtime.stage import StageError
+from pipeline.runtime.locks import output_lock
 
 
 def read_records(path: Path) -> Iterator[dict[str, Any]]:
@@ -113,13 +112,6 @@ def _cut_torn_tail(path: Path) -> None:
 
 @contextlib.contextmanager
 def exclusive_writer(out: Path) -> Iterator[None]:
-    """Refuse a second run writing the same OUT at the same time (POSIX advisory lock)."""
-
-    with open(out.with_name(out.name + ".lock"), "w") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StageError(
-                f"another `vidcap caption` is writing {out}; wait for it or use another --out"
-            ) from None
+    """Refuse a second run writing the same OUT at the same time (`pipeline.runtime.locks`)."""
+    with output_lock(out, "caption output"):
         yield

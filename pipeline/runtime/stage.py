@@ -1,94 +1,323 @@
 """What every stage shares: its folder, `DONE.json`, the fingerprint check, logging, progress.
 
-A stage is a plain function `run(config, force=False) -> dict`. It opens a `Stage`, which
-decides whether the work is already done (same fingerprint), refused (a different
-fingerprint without `force`), or to be (re)started, and sets up a log file in the stage
-folder. The stage writes its outputs under `stage.dir` and ends with `stage.finish(summary)`,
-which writes `DONE.json` atomically. Killing the stage before that leaves no `DONE.json`,
-so a re-run resumes from whatever checkpoints the stage itself keeps.
+A stage is a plain function `run(config, force=False) -> dict`, decorated with `stage_entry`.
+It opens a `Stage`, which decides whether the work is already done (same fingerprint), refused
+(a different fingerprint without `force`, with the reasons), or to be (re)started, takes the
+stage folder's lock (`pipeline.runtime.locks`: a second concurrent run is refused), and sets up
+a log file in the stage folder. The stage writes its outputs under `stage.dir` and ends with
+`stage.finish(summary)`, which writes `DONE.json` atomically. Killing the stage before that
+leaves no `DONE.json`, so a re-run resumes from whatever checkpoints the stage itself keeps.
 
+    @stage_entry("train")
     def run(config, force=False):
         stage = Stage(config, "train", force=force)
         if stage.done:
             return stage.summary
         ...
         return stage.finish({"best_cider": 0.61})
+
+The fingerprint covers the stage's settings (`pipeline.config.STAGE_KEYS`) and its inputs
+(`stage_inputs`): the annotation files by content, the base model folder's identity, and the
+run id of each upstream stage's `DONE.json`, so an edited annotation file or a redone upstream
+stage makes the stage stale, and the refusal says why ("annotations changed", "extract was redone").
+
+`--force` never deletes what vidcap did not write: a stage folder is replaced only when it holds
+our `DONE.json` or `config.json`. It is first moved aside to `<output_dir>/.<stage>.replaced`;
+if the new run fails with an error (a bad value found while the stage sets up, say), the old
+folder is put back; the aside copy is deleted only when the new run finishes.
 """
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
+import os
 import shutil
 import sys
 import time
-from collections.abc import Iterable, Iterator
+import uuid
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import torch
 from tqdm import tqdm
 
-from pipeline.config import Config, diff_settings, stage_fingerprint, stage_settings
-from pipeline.errors import StageError
+from pipeline.config import STAGE_INPUTS, STAGES, Config, diff_settings, stage_settings
+from pipeline.errors import ConfigError, StageError
+from pipeline.runtime import locks
 from pipeline.runtime.files import atomic_write_json
 
 DONE_FILE = "DONE.json"
+CONFIG_FILE = "config.json"
 LOG_FILE = "log.txt"
 T = TypeVar("T")
+
+_replaced: dict[Path, Path] = {}  # stage folder -> its previous content, moved aside by this process
 
 
 class Stage:
     """One stage's folder and bookkeeping: skip when done, refuse a changed config, log to a file."""
 
-    def __init__(self, config: Config, name: str, force: bool = False, fresh_on_force: bool = False):
+    def __init__(
+        self,
+        config: Config,
+        name: str,
+        force: bool = False,
+        extra_inputs: dict[str, Any] | None = None,
+    ):
+        """`extra_inputs`: more of what the stage reads ({name: identity}), beside `stage_inputs`.
+
+        A forced stage starts from an empty folder (the previous one is moved aside until the new
+        run finishes).
+        """
         self.config = config
         self.name = name
         self.dir = config.stage_dir(name)
-        self.fingerprint = stage_fingerprint(config, name)
         self.settings = stage_settings(config, name)
+        self.inputs = {**stage_inputs(config, name), **(extra_inputs or {})}
+        self.fingerprint = full_fingerprint(self.settings, self.inputs)
         self.summary: dict[str, Any] = {}
         self.started = time.time()
+        check_outputs_apart(_stage_outputs(config, name), _stage_input_paths(config))
+        locks.acquire(self.dir, f"stage folder of {name!r}")
         previous = read_done(config, name)
         self.done = False
-        if previous is not None:
-            if previous.get("fingerprint") == self.fingerprint and not force:
-                self.done = True
-                self.summary = previous.get("summary", {})
-            elif not force:
-                changes = diff_settings(previous.get("settings", {}), self.settings)
-                raise StageError(
-                    f"stage {name!r} already finished in {self.dir} with other settings:\n  "
-                    + "\n  ".join(changes or ["(upstream outputs changed)"])
-                    + "\nre-run with --force to redo it, or use another run.output_dir"
-                )
-            else:
-                (self.dir / DONE_FILE).unlink(missing_ok=True)
-                if fresh_on_force and self.dir.exists():
-                    shutil.rmtree(self.dir)
+        if previous is not None and previous.get("fingerprint") == self.fingerprint and not force:
+            self.done = True
+            self.summary = previous.get("summary", {})
+        elif previous is not None and not force:
+            reasons = diff_settings(previous.get("settings", {}), self.settings)
+            reasons += input_changes(previous.get("inputs"), self.inputs)
+            raise StageError(
+                f"stage {name!r} already finished in {self.dir} with other settings or inputs:\n  "
+                + "\n  ".join(reasons or ["(upstream outputs changed)"])
+                + "\nre-run with --force to redo it, or use another run.output_dir"
+            )
+        elif force:
+            _move_aside(self.dir, name)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = stage_logger(name, self.dir / LOG_FILE)
         if self.done:
             self.log.info("stage %s: already done (fingerprint %s), skipping", name, self.fingerprint)
         else:
             self.log.info("stage %s: starting in %s (fingerprint %s)", name, self.dir, self.fingerprint)
-            atomic_write_json(self.dir / "config.json", {"source": config.source, **config.to_dict()})
+            atomic_write_json(self.dir / CONFIG_FILE, {"source": config.source, **config.to_dict()})
+
+    def reopen(self) -> None:
+        """Treat a done stage as not done (its files stay): it will `finish` again."""
+        (self.dir / DONE_FILE).unlink(missing_ok=True)
+        self.done = False
 
     def finish(self, summary: dict[str, Any]) -> dict[str, Any]:
-        """Write `DONE.json` (fingerprint, settings, summary, time taken) and return the summary."""
+        """Write `DONE.json` (fingerprint, settings, inputs, summary, time taken) and return the summary."""
         seconds = round(time.time() - self.started, 2)
         summary = {**summary, "seconds": summary.get("seconds", seconds)}
         record = {
             "stage": self.name,
             "fingerprint": self.fingerprint,
             "settings": self.settings,
+            "inputs": self.inputs,
             "summary": summary,
             "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run_id": uuid.uuid4().hex,  # what downstream stages record of this result
         }
         atomic_write_json(self.dir / DONE_FILE, record)
+        # What --force moved aside (in this process, or in one killed before it finished) has now
+        # been replaced by a finished result.
+        _replaced.pop(self.dir, None)
+        shutil.rmtree(_aside_path(self.dir, self.name), ignore_errors=True)
         self.summary = summary
         self.log.info("stage %s: done in %.1f s", self.name, seconds)
         return summary
+
+
+def stage_entry(name: str) -> Callable[[Callable[..., dict[str, Any]]], Callable[..., dict[str, Any]]]:
+    """Decorate a stage's `run`: on an error, put back what `--force` moved aside; release the lock."""
+
+    def decorate(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+        @functools.wraps(run)
+        def wrapper(config: Config, *args: Any, **kwargs: Any) -> dict[str, Any]:
+            folder = config.stage_dir(name)
+            try:
+                return run(config, *args, **kwargs)
+            except Exception:
+                _put_back(folder)
+                raise
+            finally:
+                locks.release(folder, all_levels=True)
+
+        return wrapper
+
+    return decorate
+
+
+def check_outputs_apart(outputs: dict[str, str | Path], inputs: dict[str, str | Path]) -> None:
+    """Refuse an output that is an input, or a folder holding one (writing or --force would hit it)."""
+    for out_name, out in outputs.items():
+        out_path = Path(out).resolve()
+        for in_name, given in inputs.items():
+            if not str(given) or not Path(given).exists():
+                continue
+            in_path = Path(given).resolve()
+            if out_path == in_path or out_path in in_path.parents:
+                relation = "is" if out_path == in_path else "holds"
+                raise ConfigError(
+                    f"{out_name} ({out}) {relation} {in_name} ({given}): an output may never be or hold an "
+                    f"input; choose another {out_name}"
+                )
+
+
+def _stage_outputs(config: Config, name: str) -> dict[str, Path]:
+    outputs = {f"run.output_dir/{name}": config.stage_dir(name)}
+    if name == "extract":
+        outputs["cache.path"] = config.cache_path
+    return outputs
+
+
+def _stage_input_paths(config: Config) -> dict[str, str]:
+    return {
+        "data.annotations": config.data.annotations,
+        "data.video_root": config.data.video_root,
+        "model.pretrained": config.model.pretrained,
+    }
+
+
+def _is_ours(folder: Path) -> bool:
+    """Whether vidcap wrote `folder`: it holds our DONE.json or config.json (or nothing at all)."""
+    if not folder.exists():
+        return True
+    if not folder.is_dir():
+        return False
+    if not any(folder.iterdir()):
+        return True
+    for name, key in ((DONE_FILE, "fingerprint"), (CONFIG_FILE, "source")):
+        try:
+            if key in json.loads((folder / name).read_text()):
+                return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
+
+
+def _move_aside(folder: Path, name: str) -> None:
+    """`--force`: move our stage folder to `.<name>.replaced` (an older one there is kept instead)."""
+    if not folder.exists():
+        return
+    if not _is_ours(folder):
+        raise StageError(
+            f"--force would replace {folder}, which vidcap did not write (no {DONE_FILE} or {CONFIG_FILE} "
+            "in it); refusing to touch it: choose another run.output_dir or move it yourself"
+        )
+    aside = _aside_path(folder, name)
+    if aside.exists():  # a forced run before this one never finished: keep the result it replaced
+        shutil.rmtree(folder)
+    else:
+        os.rename(folder, aside)
+    _replaced[folder] = aside
+
+
+def _aside_path(folder: Path, name: str) -> Path:
+    return folder.parent / f".{name}.replaced"
+
+
+def _put_back(folder: Path) -> None:
+    """After a failed forced run: the folder it replaced comes back, the new partial one goes."""
+    aside = _replaced.pop(folder, None)
+    if aside is None or not aside.exists():
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    os.rename(aside, folder)
+
+
+# ---------------------------------------------------------------------------------------
+# Inputs: what a stage reads besides its settings
+# ---------------------------------------------------------------------------------------
+
+UPSTREAM_USES_MODEL = ("extract", "train", "eval")  # stages that load `model.pretrained` itself
+
+
+def stage_inputs(config: Config, name: str) -> dict[str, Any]:
+    """{input: identity} of what `name` reads: annotations (content hash), base model, upstream runs."""
+    inputs: dict[str, Any] = {}
+    if name != "caption":
+        inputs["annotations"] = content_hash(config.data.annotations)
+    if name in UPSTREAM_USES_MODEL:
+        inputs["model"] = folder_identity(config.model.pretrained)
+    for upstream in STAGE_INPUTS[name]:
+        done = read_done(config, upstream)
+        inputs[upstream] = None if done is None else done.get("run_id", done.get("finished_at"))
+    return inputs
+
+
+def full_fingerprint(settings: dict[str, Any], inputs: dict[str, Any]) -> str:
+    """A stable hash of a stage's settings and inputs."""
+    blob = json.dumps({"settings": settings, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def current_fingerprint(config: Config, name: str, extra_inputs: dict[str, Any] | None = None) -> str:
+    """The fingerprint `Stage(config, name)` would have now (without opening the stage)."""
+    inputs = {**stage_inputs(config, name), **(extra_inputs or {})}
+    return full_fingerprint(stage_settings(config, name), inputs)
+
+
+def input_changes(old: dict[str, Any] | None, new: dict[str, Any]) -> list[str]:
+    """Why the inputs differ, one reason per input: "annotations changed", "extract was redone"."""
+    if old is None:
+        return ["inputs: not recorded (finished by an older vidcap)"]
+    reasons = []
+    for key in sorted(set(old) | set(new)):
+        before, now = old.get(key), new.get(key)
+        if before == now:
+            continue
+        if key == "annotations":
+            reasons.append("annotations changed (their content is not what this stage read)")
+        elif key == "model":
+            reasons.append("the base model (model.pretrained) changed")
+        elif key == "cache":
+            reasons.append(f"the feature cache changed since this stage read it: {before} -> {now}")
+        elif key in STAGES:
+            if now is None:
+                reasons.append(f"{key} is no longer finished (its DONE.json is gone)")
+            elif before is None:
+                reasons.append(f"{key} finished since this stage ran")
+            else:
+                reasons.append(f"{key} was redone")
+        else:
+            reasons.append(f"{key} changed: {before!r} -> {now!r}")
+    return reasons
+
+
+def content_hash(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, or of a folder's files (names and bytes); "" when it does not exist."""
+    path = Path(path)
+    if not str(path) or not path.exists():
+        return ""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(str(file.relative_to(path) if file != path else "").encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def folder_identity(pretrained: str | Path) -> str:
+    """Cheap identity of a local model folder (names, sizes, mtimes of its files); a hub id as given."""
+    folder = Path(pretrained)
+    if not folder.is_dir():
+        return str(pretrained)
+    stats = sorted(
+        (str(p.relative_to(folder)), p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    )
+    return hashlib.sha256(json.dumps(stats).encode()).hexdigest()[:16]
 
 
 def read_done(config: Config, name: str) -> dict[str, Any] | None:
