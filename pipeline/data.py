@@ -241,20 +241,6 @@ class Sharding:
         return self.global_batch // (self.world_size * self.grad_accum)
 
 
-def check_batch_split(
-    global_batch: int, world_size: int, grad_accum: int, batch_key: str, accum_key: str | None = None
-) -> int:
-    """Per-rank micro-batch size; an error naming the keys when the batch does not divide evenly."""
-    parts = world_size * grad_accum
-    if global_batch % parts:
-        accum = f" x {accum_key} ({grad_accum})" if accum_key else ""
-        raise ValueError(
-            f"{batch_key} ({global_batch}) must be divisible by the number of processes "
-            f"WORLD_SIZE ({world_size}){accum}"
-        )
-    return global_batch // parts
-
-
 class TrainPlan:
     """The training examples of every epoch, a pure function of (seed, epoch).
 

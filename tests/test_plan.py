@@ -163,3 +163,16 @@ def test_plan_of_a_local_model_counts_examples_and_trainable_parameters(tiny_wor
         trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
         assert stage_plan.trainable["total"] == trained, stage_plan.trainable
         assert ("language_model_lora" in stage_plan.trainable) == (llm == "lora")
+
+
+def test_presets_sharing_a_cache_agree_on_what_its_tokens_depend_on():
+    """One store per (ViT, frames, size, views, seed): presets that name the same path must agree, or
+    the second to extract would be refused by the store's fingerprint."""
+    by_path: dict[str, set] = {}
+    for preset in {preset for preset, _ in SEED}:
+        c = load_config(ROOT / "configs" / f"{preset}.yaml")
+        size = c.model.image_size or 224  # 0: the ViT's own size, 224 for every preset's EVA ViT-g
+        key = (c.run.seed, c.model.num_frames, size, c.cache.train_views, c.data.format)
+        by_path.setdefault(c.cache.path, set()).add(key)
+    assert all(len(keys) == 1 for keys in by_path.values()), by_path
+    assert len(by_path["data/cache/msrvtt_evag_8f_224.zarr"]) == 1

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.checkpoints import rng_state, set_rng_state
 from pipeline.config import ModelConfig
-from pipeline.data import CacheSource, Sharding, TrainPlan, VideoSource, check_batch_split
+from pipeline.data import CacheSource, Sharding, TrainPlan, VideoSource
 from pipeline.demo.tinyworld import IMAGE_SIZE, NUM_FRAMES, TRAIN_VIEWS, tiny_config
 from pipeline.optim import LoopSettings, WarmupCosine, build_optimizer, param_groups
 
@@ -119,9 +119,11 @@ def test_ranks_split_each_global_batch_without_overlap():
 
 
 def test_batch_split_error_names_the_keys():
-    assert check_batch_split(64, 8, 2, "train.batch_size", "train.grad_accum") == 4
+    from pipeline.config import TrainConfig
+
+    assert TrainConfig(batch_size=64, grad_accum=2).accumulation(8) == (4, 2)
     with pytest.raises(ValueError, match=r"train.batch_size \(12\).*WORLD_SIZE \(8\).*train.grad_accum"):
-        check_batch_split(12, 8, 1, "train.batch_size", "train.grad_accum")
+        TrainConfig(batch_size=12).accumulation(8)
 
 
 # ---------------------------------------------------------------------------------------
