@@ -406,3 +406,24 @@ def test_qa_presets_read_their_captioning_cache_with_the_seed_recipe(preset):
     )
     assert (qa.train.lr, qa.train.min_lr, qa.train.warmup_steps) == (5e-5, 1e-5, 1000)
     assert (scst.global_batch, scst.gpu_batch) == (16, 2)
+
+
+def test_demo_qa_reads_the_captioning_demos_cache():
+    from pipeline.config import load_config
+
+    qa, caption = load_config(ROOT / "configs/demo_qa.yaml"), load_config(ROOT / "configs/demo.yaml")
+    assert qa.cache_path == caption.cache_path and qa.data.task == "qa"
+    for key in ("run.seed", "run.demo_videos", "model.num_frames", "model.image_size", "cache.train_views",
+                "decode.backend", "data.video_root"):  # fmt: skip
+        section, name = key.split(".")
+        assert getattr(getattr(qa, section), name) == getattr(getattr(caption, section), name), key
+    assert Path(qa.data.annotations).parent == Path(caption.data.annotations).parent  # one world
+    assert qa.model.pretrained == caption.model.pretrained + "-qa"  # pipeline.demo.qademo.QA_SUFFIX
+    from pipeline.demo.qademo import caption_demo_config
+
+    base = caption_demo_config(qa)  # what `prepare: demo` builds first
+    assert (base.data.task, base.data.annotations, base.model.pretrained) == (
+        "caption",
+        caption.data.annotations,
+        caption.model.pretrained,
+    )
