@@ -111,6 +111,10 @@ def load_qa(data: DataConfig) -> QaData:
     """The questions a config's `data` section names, with `data.max_videos` applied per split."""
     if not data.annotations:
         raise AnnotationError("data.task=qa but no data.annotations given")
+    if isinstance(data.annotations, list):
+        raise AnnotationError(
+            f"data.task=qa reads one annotations file or folder, not a list: {data.annotations}"
+        )
     path = Path(data.annotations).expanduser()
     if not path.exists():
         raise AnnotationError(f"{path}: annotations not found")
