@@ -60,11 +60,19 @@ def make_msrvtt_like(folder: Path, count: int, seconds: tuple[float, float], fps
 
 
 def sequential(path: Path) -> int:
-    """Every frame to RGB with one decoder thread; returns the frame count."""
+    """Every frame to RGB with one decoder thread (packets that fail to decode skipped); returns
+    the frame count."""
+    count = 0
     with av.open(str(path)) as container:
         stream = container.streams.best("video")
         stream.codec_context.thread_count = 1
-        return sum(1 for frame in container.decode(stream) if frame.to_ndarray(format="rgb24") is not None)
+        for packet in container.demux(stream):
+            try:
+                frames = packet.decode()
+            except av.FFmpegError:
+                continue
+            count += sum(1 for frame in frames if frame.to_ndarray(format="rgb24") is not None)
+    return count
 
 
 def measure(paths: list[Path], repeat: int, run) -> tuple[float, float, collections.Counter]:
@@ -118,8 +126,7 @@ def main(argv: list[str] | None = None) -> None:
               args.repeat)  # fmt: skip
         if not args.no_zoo:
             zoo = make_video_zoo(root / "zoo")
-            decodable = [root / "zoo" / name for name, video in zoo.items() if not video.refused and
-                         not video.first_decodable]  # fmt: skip
+            decodable = [root / "zoo" / name for name, video in zoo.items() if not video.refused]
             bench("zoo (64x48, 1-3 s)", decodable, args.repeat * 5)
 
 

@@ -60,7 +60,7 @@ class MixturePlan:
     """Training examples of every epoch from several `TrainPlan`s, one set per global batch."""
 
     def __init__(self, names: Sequence[str], ratios: Sequence[float], plans: Sequence[TrainPlan], seed: int):
-        if not names or len(names) != len(ratios) != len(plans):
+        if not names or not len(names) == len(ratios) == len(plans):
             raise ValueError("a mixture needs one name, ratio and plan per set")
         batches = {p.global_batch for p in plans}
         if len(batches) != 1:
@@ -73,6 +73,9 @@ class MixturePlan:
         self.videos = [
             (n + SEPARATOR + v, caps) for n, p in zip(names, plans, strict=True) for v, caps in p.videos
         ]
+        # The last epoch built of each set: a large set's epoch spans many mixture epochs, and
+        # building it (one Example per video) is what costs (bench_pseudo.py --plan).
+        self._built: dict[int, tuple[int, list[Example]]] = {}
 
     def set_choices(self, epoch: int) -> np.ndarray:
         """(steps_per_epoch,) index of the set each step of `epoch` draws from."""
@@ -84,7 +87,7 @@ class MixturePlan:
         used = np.zeros(len(self.plans), dtype=np.int64)  # batches each set gave in earlier epochs
         for earlier in range(epoch):
             used += np.bincount(self.set_choices(earlier), minlength=len(self.plans))
-        streams = [_Stream(n, p, int(u)) for n, p, u in zip(self.names, self.plans, used, strict=True)]
+        streams = [_Stream(self, k, int(u)) for k, u in enumerate(used)]
         examples: list[Example] = []
         for k in self.set_choices(epoch):
             examples += streams[k].next_batch()
@@ -92,6 +95,12 @@ class MixturePlan:
 
     # Same slicing of an epoch into ranks and micro-batches as a single set's plan.
     micro_batches = TrainPlan.micro_batches
+
+    def set_epoch(self, k: int, epoch: int) -> list[Example]:
+        """Epoch `epoch` of set `k`'s own plan (its ids unprefixed)."""
+        if self._built.get(k, (None,))[0] != epoch:
+            self._built[k] = (epoch, self.plans[k].epoch(epoch))
+        return self._built[k][1]
 
     def describe(self) -> str:
         parts = [
@@ -102,22 +111,18 @@ class MixturePlan:
 
 
 class _Stream:
-    """One set's examples as an endless sequence of global batches: its plan's epochs in a row."""
+    """Set `k`'s examples as an endless sequence of global batches: its plan's epochs in a row."""
 
-    def __init__(self, name: str, plan: TrainPlan, start_batch: int):
-        self.name, self.plan, self.batch = name, plan, start_batch
-        self._epoch, self._examples = -1, []
+    def __init__(self, mixture: MixturePlan, k: int, start_batch: int):
+        self.mixture, self.k, self.batch = mixture, k, start_batch
+        self.prefix, self.plan = mixture.names[k] + SEPARATOR, mixture.plans[k]
 
     def next_batch(self) -> list[Example]:
         epoch, step = divmod(self.batch, self.plan.steps_per_epoch)
-        if epoch != self._epoch:
-            self._epoch, self._examples = epoch, self.plan.epoch(epoch)
         self.batch += 1
         b = self.plan.global_batch
-        return [
-            Example(self.name + SEPARATOR + e.video_id, e.view, e.caption)
-            for e in self._examples[step * b : (step + 1) * b]
-        ]
+        examples = self.mixture.set_epoch(self.k, epoch)[step * b : (step + 1) * b]
+        return [Example(self.prefix + e.video_id, e.view, e.caption) for e in examples]
 
 
 # ---------------------------------------------------------------------------------------

@@ -22,27 +22,34 @@ The decoding contract, the same whatever the backend:
 
 Backends (`backend=`):
 
-* `pyav` (the default and the reference): FFmpeg from PyAV's wheel, frames decoded in order
-  and the wanted ones kept. Each decoded frame is recognised by its pts, so a packet that
-  fails to decode (a corrupt start) loses only its own frames; a wanted frame that never
-  decodes is a `VideoDecodeError` naming its time. AVI stores no presentation times: there the
-  k-th decoded frame is frame k, and any decode error refuses the file.
+* `pyav` (the default and the reference): FFmpeg from PyAV's wheel. It seeks to the keyframe
+  before each run of wanted frames and recognises every decoded frame by its pts, so a packet
+  that fails to decode loses only its own frames; a wanted frame that never decodes is a
+  `VideoDecodeError` naming its time. AVI stores no presentation times: there the k-th frame
+  decoded from the start is frame k, and any decode error refuses the file.
+* **Undecodable start**: frames before the first one the decoder outputs (corrupt first
+  packets; leading pictures of an open GOP cut at its keyframe) are not part of the video
+  (`VideoInfo.skipped_frames`); decoding notes it in `fallbacks` as "undecodable frames at the
+  start left out", so the stage summaries count it.
 * `decord`: random access by seeking, exact only where seeking is. It is used on a file only
   when every check passes: one video stream; H.264/HEVC whose keyframes are all IDR (open-GOP
   keyframes make decord land on the wrong frame), VP8/VP9, or MPEG-4 without B-frames; real
-  presentation times (not AVI); 8-bit 4:2:0 with the BT.601 or an untagged colour matrix
-  (elsewhere its colours differ from FFmpeg's); and, once open, decord's frame count, the
+  presentation times (not AVI); 8-bit 4:2:0 with a BT.601, BT.709 or untagged colour matrix
+  (its 10-bit colours differ from FFmpeg's); and, once open, decord's frame count, the
   timestamps of the requested frames and the frame size equal the probe's. Otherwise, or when
   decord fails, the frames come from `pyav` and the reason is appended to `fallbacks` (the
   `extract` and `caption` summaries count them under `decode_fallbacks`), never silently.
 
 Any failure to read a video raises `VideoDecodeError` naming the file and the reason, so a
 stage can record the video as failed and go on.
+
+One-pass readers of long videos (windows) keep the same contract with `index_video` (the
+frames and times, `pipeline/videoindex.py`), `VideoIndex.sample` (a window's frames, as
+`load_clip` picks them) and `iter_frames` / `frame_rgb` (every frame once, in order).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from fractions import Fraction
 from pathlib import Path
@@ -52,12 +59,12 @@ import numpy as np
 from PIL import Image
 
 from pipeline.errors import VideoDecodeError
-from pipeline.sampling import random_resized_crop_params, sample_frame_indices, view_rng
+from pipeline.sampling import random_resized_crop_params, view_rng
 from pipeline.videoindex import VideoIndex, VideoInfo, av_errors, av_open, frames_at, index_video, short_error
 
-__all__ = [  # frames_at and VideoInfo live in pipeline.videoindex; they are part of this API too
-    "BACKENDS", "VideoDecodeError", "VideoInfo", "decode_frames", "frame_times", "frames_at", "load_clip",
-    "load_views", "probe_video", "write_video",
+__all__ = [  # VideoIndex, VideoInfo, frames_at and index_video live in pipeline.videoindex; part of this API too
+    "BACKENDS", "VideoDecodeError", "VideoIndex", "VideoInfo", "decode_frames", "frame_rgb", "frame_times",
+    "frames_at", "index_video", "iter_frames", "load_clip", "load_views", "probe_video", "write_video",
 ]  # fmt: skip
 
 BACKENDS = ("pyav", "decord")
@@ -163,15 +170,39 @@ def load_views(
         raise ValueError(f"views must be a non-empty list of integers >= 0, got {list(views)}")
     rngs = [view_rng(seed, video_id, view) if view > 0 else None for view in views]
     index = index_video(path)
-    first, stop = _window(index, start_sec, end_sec)  # slots
     wanted = []  # V x (T,) frame indices
     for rng in rngs:
         mode = "uniform" if rng is None else "headtail"
-        wanted.append(index.slot_frames(first + sample_frame_indices(stop - first, num_frames, mode, rng)))
+        wanted.append(index.sample(num_frames, mode, rng, start_sec, end_sec))
     unique, inverse = np.unique(np.concatenate(wanted), return_inverse=True)
     frames = _gather(index, unique, backend, threads, fallbacks)  # (U, H, W, 3)
     rows = inverse.reshape(len(views), num_frames)  # (V, T) positions in `frames`
     return np.stack([_augment(frames, row, image_size, rng) for row, rng in zip(rows, rngs, strict=True)])
+
+
+def iter_frames(index: VideoIndex, threads: int = 0) -> Iterator[tuple[int, av.VideoFrame]]:
+    """(frame index, decoded frame) of every decodable frame of an indexed video (`index_video`),
+    in presentation order, decoding the file once from the start; for one-pass readers of long
+    videos (`frame_rgb` converts a frame). Frames are recognised by pts (by count where the
+    file has none: there a packet that fails to decode is a `VideoDecodeError`); a frame whose
+    packet fails to decode is left out."""
+    position = {p: k for k, p in enumerate(index.pts)} if index.pts is not None else None
+    with av_errors(index.path, "decoding failed"), av_open(index.path) as container:
+        stream = container.streams[index.stream]
+        stream.thread_type = "AUTO"
+        if threads > 0:
+            stream.codec_context.thread_count = threads
+        for count, frame in enumerate(_frames(index.path, container, stream, [], strict=position is None)):
+            k = count if position is None else position.get(frame.pts, -1)
+            if k >= 0:
+                yield k, frame
+
+
+def frame_rgb(frame: av.VideoFrame, index: VideoIndex) -> np.ndarray:
+    """A frame of `iter_frames` as displayed: uint8 RGB (H, W, 3), FFmpeg's colour conversion,
+    the display rotation applied (what `decode_frames` returns)."""
+    height, width = index.coded
+    return _rgb(frame, width, height, index.info.rotation)
 
 
 def write_video(path: str | Path, frames: np.ndarray, fps: float = 8, codec: str | None = None) -> None:
@@ -230,6 +261,8 @@ def _gather(
         raise VideoDecodeError(
             index.path, f"frame {unique[-1]} asked for, but the video has {index.info.num_frames} frames"
         )
+    if index.info.skipped_frames and fallbacks is not None:
+        fallbacks.append("undecodable frames at the start left out")
     frames = None
     if backend == "decord":
         try:
@@ -344,7 +377,7 @@ def _decord_frames(index: VideoIndex, unique: np.ndarray, threads: int) -> np.nd
         raise _Inexact(f"cannot open it ({short_error(e, decord=True)})") from e
     try:
         if len(reader) != index.info.num_frames:
-            raise _Inexact(f"counts {len(reader)} frames, the stream has {index.info.num_frames}")
+            raise _Inexact("its frame count differs from the stream's")
         stamps = reader.get_frame_timestamp([0, *unique.tolist()])[:, 0].astype(np.float64)
         if np.abs((stamps[1:] - stamps[0]) - index.times[unique]).max() > TIME_TOLERANCE:
             raise _Inexact("its frame times differ from the stream's")
@@ -357,9 +390,7 @@ def _decord_frames(index: VideoIndex, unique: np.ndarray, threads: int) -> np.nd
     finally:
         del reader  # decord leaks memory when readers linger
     if batch.shape[1:3] != (index.info.height, index.info.width):
-        raise _Inexact(
-            f"frame size {batch.shape[2]}x{batch.shape[1]}, not {index.info.width}x{index.info.height}"
-        )
+        raise _Inexact("its frame size differs from the stream's")
     return batch
 
 
@@ -371,27 +402,6 @@ def _check_backend(backend: str) -> None:
 # ---------------------------------------------------------------------------------------
 # Helpers
 # ---------------------------------------------------------------------------------------
-
-
-def _window(index: VideoIndex, start_sec: float | None, end_sec: float | None) -> tuple[int, int]:
-    """Slots [first, stop) in the time window; the whole video without one."""
-    n = index.info.num_frames
-    if start_sec is None and end_sec is None:
-        return 0, n
-    width = index.slot_width
-    if not width > 0:
-        raise VideoDecodeError(index.path, "unknown duration: cannot cut a time window")
-    start = 0.0 if start_sec is None else float(start_sec)
-    end = math.inf if end_sec is None else float(end_sec)
-    if start < 0 or end <= start:
-        raise ValueError(f"time window [{start_sec}, {end_sec}) is empty or negative")
-    first = math.floor(start / width + 1e-6)  # the slot under start_sec
-    if first >= n:
-        raise VideoDecodeError(
-            index.path, f"window starts at {start:g}s, after the end of the video ({index.info.duration:g}s)"
-        )
-    stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end / width - 1e-6)))
-    return first, stop
 
 
 def _augment(frames: np.ndarray, row: np.ndarray, size: int, rng: np.random.Generator | None) -> np.ndarray:

@@ -10,6 +10,7 @@ decoded frame), and whether decord's random access would return exactly these fr
 from __future__ import annotations
 
 import contextlib
+import math
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -19,11 +20,12 @@ import av
 import numpy as np
 
 from pipeline.errors import VideoDecodeError
+from pipeline.sampling import sample_frame_indices
 
 # Where decord's seeking and colours were checked exact against the `pyav` path (tests/test_decode_zoo.py).
 DECORD_CODECS = ("h264", "hevc", "vp8", "vp9", "mpeg4")
 DECORD_PIX_FMTS = ("yuv420p", "yuvj420p")
-DECORD_COLORSPACES = (2, 5, 6)  # AVCOL_SPC_UNSPECIFIED, BT470BG, SMPTE170M: both use BT.601
+DECORD_COLORSPACES = (1, 2, 5, 6)  # AVCOL_SPC_BT709, UNSPECIFIED, BT470BG, SMPTE170M (BT.601)
 IDR_NAL_TYPES = {"h264": (5,), "hevc": (19, 20)}  # keyframes a decoder can start from exactly
 NO_PTS_FORMATS = ("avi",)  # containers whose packet times are decode times, not presentation times
 
@@ -44,6 +46,9 @@ class VideoInfo:
     pix_fmt: str = ""
     variable_rate: bool = False
     """Frame intervals differ by more than 5%: index/fps would not be the time."""
+    skipped_frames: int = 0
+    """Frames at the start that no decoder shows (corrupt packets, leading pictures of an open GOP
+    cut at its keyframe), left out: the video starts at its first decodable frame."""
 
 
 def frames_at(times: np.ndarray, at: Sequence[float] | np.ndarray) -> np.ndarray:
@@ -79,6 +84,40 @@ class VideoIndex:
         """The frame on screen at the middle of each time slot."""
         return frames_at(self.times, (np.asarray(slots) + 0.5) * self.slot_width)
 
+    def sample(
+        self,
+        num_frames: int,
+        mode: str = "uniform",
+        rng: np.random.Generator | None = None,
+        start_sec: float | None = None,
+        end_sec: float | None = None,
+    ) -> np.ndarray:
+        """The T frame indices (presentation order) of one view: `sample_frame_indices` over the
+        time slots in [start_sec, end_sec) (the whole video without them), each slot's frame the
+        one on screen at its middle. What `load_clip` decodes."""
+        first, stop = self.slot_range(start_sec, end_sec)
+        return self.slot_frames(first + sample_frame_indices(stop - first, num_frames, mode, rng))
+
+    def slot_range(self, start_sec: float | None, end_sec: float | None) -> tuple[int, int]:
+        """Slots [first, stop) in the time window [start_sec, end_sec); all of them without one."""
+        n = self.info.num_frames
+        if start_sec is None and end_sec is None:
+            return 0, n
+        if not self.slot_width > 0:
+            raise VideoDecodeError(self.path, "unknown duration: cannot cut a time window")
+        start = 0.0 if start_sec is None else float(start_sec)
+        end = math.inf if end_sec is None else float(end_sec)
+        if start < 0 or end <= start:
+            raise ValueError(f"time window [{start_sec}, {end_sec}) is empty or negative")
+        first = math.floor(start / self.slot_width + 1e-6)  # the slot under start_sec
+        if first >= n:
+            raise VideoDecodeError(
+                self.path,
+                f"window starts at {start:g}s, after the end of the video ({self.info.duration:g}s)",
+            )
+        stop = n if math.isinf(end) else min(n, max(first + 1, math.ceil(end / self.slot_width - 1e-6)))
+        return first, stop
+
 
 def index_video(path: str | Path) -> VideoIndex:
     """Check the file, then demux its best video stream's packets once: frames, times, keyframes,
@@ -107,6 +146,9 @@ def index_video(path: str | Path) -> VideoIndex:
             raise VideoDecodeError(path, f"no decodable frames ({packets.first_error or 'no output'})")
         by_pts = container.format.name not in NO_PTS_FORMATS and None not in packets.stamps
         times, pts, last_duration = _timeline(packets, stream, by_pts)
+        skipped = pts.index(packets.first_pts) if pts is not None and packets.first_pts in pts else 0
+        if skipped:  # frames before the first one the decoder outputs cannot be shown: not frames
+            pts, times = pts[skipped:], times[skipped:] - times[skipped]
         refusal = _decord_refusal(container, stream, packets, pts is not None)
         codec, pix_fmt, stream_index = context.codec.canonical_name, context.pix_fmt or "", stream.index
     rotation = packets.rotation
@@ -117,7 +159,7 @@ def index_video(path: str | Path) -> VideoIndex:
     info = VideoInfo(
         num_frames=len(times), fps=len(times) / duration if duration > 0 else 0.0, width=shown[0],
         height=shown[1], duration=duration, rotation=rotation, codec=codec, pix_fmt=pix_fmt,
-        variable_rate=variable,
+        variable_rate=variable, skipped_frames=skipped,
     )  # fmt: skip
     order = {p: k for k, p in enumerate(pts or [])}
     keys = np.array(sorted({order[p] for p in packets.key_stamps if p in order}), dtype=np.int64)
@@ -135,12 +177,15 @@ class _Packets:
         self.dirty_keys = 0  # keyframes a decoder cannot start from exactly (open GOP)
         self.discarded = 0  # packets an edit list hides
         self.rotation: int | None = None
+        self.first_pts: int | None = None  # of the first frame the decoder outputs
         self.first_error = ""
         self.nal_length = _nal_length_size(stream.codec_context)
 
     def add(self, packet: av.Packet) -> None:
         if packet.size == 0:
             return  # the demuxer's final flush packet
+        if self.rotation is None:  # the display matrix (and the first shown frame) ride on decoded frames
+            self._try_decode(packet)
         if packet.is_discard:  # cut by an edit list: decoded as a reference, never shown
             self.discarded += 1
             return
@@ -150,8 +195,6 @@ class _Packets:
         if packet.is_keyframe:
             self.key_stamps.append(stamp)
             self.dirty_keys += not self._clean_key(packet)
-        if self.rotation is None:  # the display matrix rides on decoded frames
-            self._try_decode(packet)
 
     def finish(self) -> None:
         if self.rotation is None and self.stamps:
@@ -161,6 +204,7 @@ class _Packets:
         try:
             for frame in self.stream.codec_context.decode(packet):
                 self.rotation = int(round((frame.rotation or 0) / 90)) * 90 % 360
+                self.first_pts = frame.pts
                 break
         except av.FFmpegError as e:  # a corrupt start: keep looking for a decodable frame
             self.first_error = self.first_error or short_error(e)
@@ -203,7 +247,7 @@ def _decord_refusal(container, stream, packets: _Packets, by_pts: bool) -> str:
     if context.pix_fmt not in DECORD_PIX_FMTS:
         return f"pixel format {context.pix_fmt}"
     if context.colorspace not in DECORD_COLORSPACES:
-        return f"colour matrix {context.colorspace} (not BT.601)"
+        return f"colour matrix {context.colorspace} (not BT.601 or BT.709)"
     if not by_pts:
         return f"no presentation times ({container.format.name})"
     if packets.rotation in (90, 270):

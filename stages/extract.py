@@ -4,9 +4,10 @@
     vidcap extract --config ... --set extract.workers=4                        # local Dask, 4 GPUs
     vidcap extract --config ... --set extract.scheduler=tcp://head:8786        # a Dask cluster
 
-One video's way through: manifest record -> `load_clip` for view 0 (uniform frames, the
-evaluation view) and views 1..`cache.train_views` (head-tail frames, random resized crop,
-flip; random choices seeded by `run.seed` and the video id) -> CLIP normalisation ->
+One video's way through: manifest record -> `load_views`, which decodes once every frame of
+view 0 (uniform frames, the evaluation view) and of views 1..`cache.train_views` (head-tail
+frames, random resized crop, flip; random choices seeded by `run.seed` and the video id) ->
+CLIP normalisation ->
 `FrameEncoder.encode_frames` (the ViT alone, without the LLM; bf16 autocast on CUDA) ->
 `FeatureStore.write_video`, which marks it done. Videos are batched (`extract.batch_size` per
 ViT call); a thread pool of `extract.decode_workers` decodes the next videos while the ViT
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from cache.store import FeatureStore
+from cache.store import FeatureStore, is_feature_store
 from pipeline.annotations import load_manifest
 from pipeline.config import Config
 from pipeline.features import cache_fingerprint, hash_weights
@@ -58,7 +59,7 @@ from pipeline.runtime.cluster import (
 from pipeline.runtime.locks import output_lock
 from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_entry
 from pipeline.sampling import normalize_frames
-from pipeline.video import VideoDecodeError, load_clip
+from pipeline.video import VideoDecodeError, load_views
 from pipeline.vision import FrameEncoder, frame_size
 
 MAX_FAILURES_IN_SUMMARY = 50
@@ -81,7 +82,8 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         shared = {"model folder": _local(config.model.pretrained), "video folder": first_video}
         require_shared_paths(client, shared, stage.log)
         vit = _same_vit_everywhere(on_every_worker(client, describe_vit, config))  # loads the ViTs
-        store = open_store(config, [v for v, _ in videos], vit, overwrite=force)
+        stage.replaces(config.cache_path, force, is_feature_store, "feature store")  # set aside till done
+        store = open_store(config, [v for v, _ in videos], vit)
         require_shared_paths(client, {"feature store": str(store.path)}, stage.log)
         pending = set(store.pending_ids())
         todo = [v for v in videos if v[0] in pending]
@@ -289,22 +291,20 @@ def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float, l
 
     video_id, path = video
     started = time.perf_counter()
-    views: list[Any] = []
     fallbacks: list[str] = []
     try:
-        for view in range(1 + config.cache.train_views):
-            frames = load_clip(
-                path,
-                config.model.num_frames,
-                frame_size(config.model),
-                view=view,
-                seed=config.run.seed,
-                video_id=video_id,
-                backend=config.decode.backend,
-                threads=config.decode.threads,
-                fallbacks=fallbacks,
-            )  # (T, S, S, 3) uint8
-            views.append(normalize_frames(frames))  # (T, 3, S, S)
+        clips = load_views(  # every frame any view needs decoded once: (V, T, S, S, 3) uint8
+            path,
+            config.model.num_frames,
+            frame_size(config.model),
+            views=range(1 + config.cache.train_views),
+            seed=config.run.seed,
+            video_id=video_id,
+            backend=config.decode.backend,
+            threads=config.decode.threads,
+            fallbacks=fallbacks,
+        )
+        views = [normalize_frames(frames) for frames in clips]  # V x (T, 3, S, S)
     except (VideoDecodeError, OSError, ValueError, RuntimeError) as e:
         return video_id, None, _reason(e), time.perf_counter() - started, fallbacks
     return video_id, torch.stack(views), "", time.perf_counter() - started, fallbacks  # (V, T, 3, S, S)

@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 from pipeline.annotations import (
     AnnotationError,
@@ -14,7 +15,9 @@ from pipeline.annotations import (
     read_annotations,
     require_references,
 )
+from pipeline.app.cli import main
 from pipeline.config import DataConfig, config_from_dict
+from stages import eval as eval_stage
 
 
 def write(path: Path, data) -> Path:
@@ -468,16 +471,15 @@ def test_split_without_references_stops_naming_the_files_searched(tmp_path):
 
 
 def test_eval_stops_before_captioning_a_split_without_references(tmp_path, monkeypatch):
-    import stages.eval
-
     rows = [{"video_id": f"v{i}", "split": split, "captions": ["a cap"] if split == "train" else []}
             for i, split in enumerate(["train", "val", "test", "test"])]  # fmt: skip
     annotations = write(tmp_path / "ann.jsonl", jsonl(*rows))
-    monkeypatch.setattr(stages.eval, "evaluate_model", lambda *a, **k: pytest.fail("captioning started"))
+    monkeypatch.setattr(eval_stage, "evaluate_model", lambda *a, **k: pytest.fail("captioning started"))
+    monkeypatch.setattr(eval_stage, "require_java", lambda: None)  # not what this test is about
     config = config_from_dict({"run": {"output_dir": str(tmp_path / "run"), "device": "cpu"},
                                "data": {"annotations": str(annotations)}, "eval": {"models": ["zero_shot"]}})  # fmt: skip
     with pytest.raises(AnnotationError, match=rf"split 'test' has 2 videos but no reference captions; looked in: {annotations}"):  # fmt: skip
-        stages.eval.run(config)
+        eval_stage.run(config)
 
 
 def test_vatex_file_with_an_explicit_split(tmp_path):
@@ -496,10 +498,6 @@ def test_vatex_file_with_an_explicit_split(tmp_path):
 
 
 def test_score_with_a_duplicate_id_is_a_one_line_error(tmp_path):
-    from click.testing import CliRunner
-
-    from pipeline.app.cli import main
-
     gts = write(tmp_path / "gts.json", {"annotations": [{"image_id": "v1", "caption": "a dog runs"}]})
     res = write(
         tmp_path / "res.json",

@@ -71,16 +71,49 @@ def test_forced_extract_refuses_a_cache_path_that_is_not_a_feature_store(tiny_wo
     folder.mkdir()
     (folder / "holiday.jpg").write_bytes(b"precious")
     config = tiny_config(tiny_world, tmp_path / "run", cache={"path": str(folder)})
-    with pytest.raises(StoreError, match="not a vidcap feature store.*refusing"):
+    with pytest.raises(StageError, match="not a feature store vidcap wrote; refusing"):
         extract.run(config, force=True)
-    assert (folder / "holiday.jpg").read_bytes() == b"precious"
+    with pytest.raises(StoreError, match="no feature store"):
+        extract.run(config)
+    assert [p.name for p in folder.iterdir()] == ["holiday.jpg"] and (
+        folder / "holiday.jpg"
+    ).read_bytes() == b"precious"
 
     a_file = tmp_path / "notes.txt"
     a_file.write_text("mine")
     config = tiny_config(tiny_world, tmp_path / "run2", cache={"path": str(a_file)})
-    with pytest.raises(StoreError, match="not a vidcap feature store"):
+    with pytest.raises(StageError, match="not a feature store vidcap wrote"):
         extract.run(config, force=True)
-    assert a_file.read_text() == "mine" and not list(tmp_path.glob(".notes.txt.deleting*"))
+    assert a_file.read_text() == "mine" and not list(tmp_path.glob(".notes.txt.*replaced"))
+
+
+def test_a_forced_extract_that_fails_puts_the_old_store_back(tiny_world, tmp_path, one_thread, monkeypatch):
+    from stages import extract
+
+    store = _store_of(tiny_world, tmp_path / "shared.zarr", lambda v, split: split == "test")
+    done = store.done_ids()
+    config = tiny_config(tiny_world, tmp_path / "run", cache={"path": str(store.path)})
+
+    def fail(*args, **kwargs):
+        raise StageError("the disk filled up while creating the new store")
+
+    monkeypatch.setattr(extract, "open_store", fail)
+    with pytest.raises(StageError, match="disk filled up"):
+        extract.run(config, force=True)
+    assert (
+        FeatureStore.open(store.path).done_ids() == done and not (tmp_path / ".shared.zarr.replaced").exists()
+    )
+    monkeypatch.undo()
+    only_test = tiny_config(
+        tiny_world, tmp_path / "run", cache={"path": str(store.path)}, extract={"splits": ["test"]}
+    )
+    assert (
+        extract.run(only_test, force=True)["done"] == 4
+    )  # a new store; the old one deleted once it finished
+    assert (
+        FeatureStore.open(store.path).video_ids == sorted(done)
+        and not (tmp_path / ".shared.zarr.replaced").exists()
+    )
 
 
 def test_force_refuses_a_stage_folder_vidcap_did_not_write(tiny_world, tmp_path):

@@ -1,6 +1,7 @@
 """A zoo of real-world video files, encoded here with PyAV (no downloads), for decoder tests.
 
-Each file stands for a kind of file users have and that decoders get wrong: H.264 in AVI with
+Each file stands for a kind of file users have and that decoders get wrong: BT.709-tagged H.264
+(HD footage: the colour matrix must follow the tag), H.264 in AVI with
 B-frames, open-GOP H.264 and HEVC, 10-bit HEVC, AV1, variable-frame-rate VP8/VP9 WebM, an MP4
 with two video streams of different sizes and rates, phone videos rotated by their display
 matrix (MP4 and MOV), an MP4 cut with an edit list, an audio-only file and a file whose first
@@ -42,8 +43,8 @@ class ZooVideo:
     rotation: int = 0
     decord: str = ""  # "" = decord must be used; else the fallback reason starts with this
     refused: str = ""  # the VideoDecodeError reason starts with this (every backend)
-    first_decodable: int = 0  # frames before it cannot be decoded (corrupt start)
-    first_shown: int = 0  # the index frame 0 shows (an edit list hides the ones before)
+    first_shown: int = 0  # the index frame 0 shows (an edit list or a corrupt start hides the ones before)
+    skipped: int = 0  # frames at the start no decoder can show (corrupt start), left out
 
 
 def index_frames(n: int, width: int = WIDTH, height: int = HEIGHT, offset: int = 0) -> np.ndarray:
@@ -99,17 +100,24 @@ def make_video_zoo(folder: str | Path, names: list[str] | None = None) -> dict[s
 
 def _encode(
     path: Path, codec: str, frames: np.ndarray, times_ms: list[int] | None = None, rate: Fraction = Fraction(25),
-    options: dict[str, str] | None = None, pix_fmt: str = "yuv420p", rotation: int = 0,
+    options: dict[str, str] | None = None, pix_fmt: str = "yuv420p", rotation: int = 0, colorspace: int = 0,
 ) -> None:  # fmt: skip
-    """Encode `frames`; with `times_ms`, frame i is shown at times_ms[i] (variable frame rate)."""
+    """Encode `frames`; with `times_ms`, frame i is shown at times_ms[i] (variable frame rate);
+    `colorspace` (an AVColorSpace, 1 = BT.709) converts and tags the frames with that matrix."""
     with av.open(str(path), mode="w") as container:
         stream = _add_video(container, codec, frames.shape[2], frames.shape[1], rate, options, pix_fmt)
         if rotation:
             stream.set_display_rotation(rotation)
+        if colorspace:
+            context = stream.codec_context
+            context.colorspace = context.color_primaries = context.color_trc = colorspace
         if times_ms is not None:
             stream.codec_context.time_base = Fraction(1, 1000)
         for i, image in enumerate(frames):
             frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+            if colorspace:
+                frame = frame.reformat(format=pix_fmt, dst_colorspace=colorspace)
+                frame.colorspace = colorspace
             if times_ms is not None:
                 frame.pts, frame.time_base = times_ms[i], Fraction(1, 1000)
             container.mux(stream.encode(frame))
@@ -212,6 +220,10 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
         lambda p: _encode(p, "libx264", index_frames(N), options=_x264()),
         ZooVideo("h264.mp4", N, N / 25, WIDTH, HEIGHT),
     ),
+    "h264_bt709.mp4": (
+        lambda p: _encode(p, "libx264", index_frames(N), options=_x264(), colorspace=1),
+        ZooVideo("h264_bt709.mp4", N, N / 25, WIDTH, HEIGHT),
+    ),
     "h264_bframes.avi": (
         lambda p: _encode(p, "libx264", index_frames(N), options=_x264()),
         ZooVideo("h264_bframes.avi", N, N / 25, WIDTH, HEIGHT, decord="no presentation times"),
@@ -298,9 +310,21 @@ _ZOO: dict[str, tuple[Callable[[Path], None], ZooVideo]] = {
     ),
     "corrupt_start.mp4": (
         _corrupt_start,
-        ZooVideo("corrupt_start.mp4", 40, 40 / 25, WIDTH, HEIGHT, first_decodable=10),
+        ZooVideo(
+            "corrupt_start.mp4",
+            30,
+            30 / 25,
+            WIDTH,
+            HEIGHT,
+            decord="its frame count differs",
+            first_shown=10,
+            skipped=10,
+        ),  # fmt: skip
     ),
 }
+
+ZOO: dict[str, ZooVideo] = {name: video for name, (_, video) in _ZOO.items()}
+"""Every file the zoo can make, by name (`make_video_zoo` leaves out those in `ZOO_SKIPPED`)."""
 
 for _name, _codec in (("hevc.mp4", "libx265"), ("hevc_closed_gop.mp4", "libx265"), ("hevc10.mkv", "libx265"),
                       ("av1.mkv", "libsvtav1")):  # fmt: skip

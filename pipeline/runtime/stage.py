@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from pipeline.config import STAGE_INPUTS, STAGES, Config, diff_settings, stage_settings
+from pipeline.config import STAGES, Config, diff_settings, stage_settings
 from pipeline.errors import ConfigError, StageError
 from pipeline.runtime import locks
 from pipeline.runtime.files import atomic_write_json
@@ -55,7 +55,8 @@ CONFIG_FILE = "config.json"
 LOG_FILE = "log.txt"
 T = TypeVar("T")
 
-_replaced: dict[Path, Path] = {}  # stage folder -> its previous content, moved aside by this process
+# stage folder -> [(output, its aside copy)] that --force moved aside in this process, folder first
+_replaced: dict[Path, list[tuple[Path, Path]]] = {}
 
 
 class Stage:
@@ -97,7 +98,14 @@ class Stage:
                 + "\nre-run with --force to redo it, or use another run.output_dir"
             )
         elif force:
-            _move_aside(self.dir, name)
+            _replaced.pop(self.dir, None)
+            if not _is_ours(self.dir):
+                raise StageError(
+                    f"--force would replace {self.dir}, which vidcap did not write (no {DONE_FILE} or "
+                    f"{CONFIG_FILE} in it); refusing to touch it: choose another run.output_dir or move it yourself"
+                )
+            _move_aside(self.dir, self.dir)
+        self._outputs = [self.dir]
         self.dir.mkdir(parents=True, exist_ok=True)
         self.log = stage_logger(name, self.dir / LOG_FILE)
         if self.done:
@@ -105,6 +113,23 @@ class Stage:
         else:
             self.log.info("stage %s: starting in %s (fingerprint %s)", name, self.dir, self.fingerprint)
             atomic_write_json(self.dir / CONFIG_FILE, {"source": config.source, **config.to_dict()})
+
+    def replaces(self, output: Path, force: bool, is_ours: Callable[[Path], bool], what: str) -> None:
+        """Another output of this stage (outside its folder): with `force`, moved aside like the folder.
+
+        Call it once the stage has checked what it can (settings, inputs, model), just before it
+        recreates `output`: `is_ours(output)` must vouch that vidcap wrote it, or it is refused.
+        """
+        output = Path(output)
+        self._outputs.append(output)
+        if not force or not (output.exists() or output.is_symlink()):
+            return
+        if not is_ours(output):
+            raise StageError(
+                f"--force would replace {output}, which is not a {what} vidcap wrote; refusing to touch it: "
+                "choose another path or move it yourself"
+            )
+        _move_aside(self.dir, output)
 
     def reopen(self) -> None:
         """Treat a done stage as not done (its files stay): it will `finish` again."""
@@ -128,7 +153,8 @@ class Stage:
         # What --force moved aside (in this process, or in one killed before it finished) has now
         # been replaced by a finished result.
         _replaced.pop(self.dir, None)
-        shutil.rmtree(_aside_path(self.dir, self.name), ignore_errors=True)
+        for output in self._outputs:
+            shutil.rmtree(_aside_path(output), ignore_errors=True)
         self.summary = summary
         self.log.info("stage %s: done in %.1f s", self.name, seconds)
         return summary
@@ -202,35 +228,32 @@ def _is_ours(folder: Path) -> bool:
     return False
 
 
-def _move_aside(folder: Path, name: str) -> None:
-    """`--force`: move our stage folder to `.<name>.replaced` (an older one there is kept instead)."""
-    if not folder.exists():
+def _move_aside(stage_dir: Path, output: Path) -> None:
+    """Move an output of ours to `.<name>.replaced` beside it (an older one there is kept instead)."""
+    if not output.exists():
         return
-    if not _is_ours(folder):
-        raise StageError(
-            f"--force would replace {folder}, which vidcap did not write (no {DONE_FILE} or {CONFIG_FILE} "
-            "in it); refusing to touch it: choose another run.output_dir or move it yourself"
-        )
-    aside = _aside_path(folder, name)
+    aside = _aside_path(output)
     if aside.exists():  # a forced run before this one never finished: keep the result it replaced
-        shutil.rmtree(folder)
+        shutil.rmtree(output)
     else:
-        os.rename(folder, aside)
-    _replaced[folder] = aside
+        os.rename(output, aside)
+    _replaced.setdefault(stage_dir, []).append((output, aside))
 
 
-def _aside_path(folder: Path, name: str) -> Path:
-    return folder.parent / f".{name}.replaced"
+def _aside_path(output: Path) -> Path:
+    return output.parent / f".{output.name}.replaced"
 
 
-def _put_back(folder: Path) -> None:
-    """After a failed forced run: the folder it replaced comes back, the new partial one goes."""
-    aside = _replaced.pop(folder, None)
-    if aside is None or not aside.exists():
-        return
-    if folder.exists():
-        shutil.rmtree(folder)
-    os.rename(aside, folder)
+def _put_back(stage_dir: Path) -> None:
+    """After a failed forced run: what it replaced comes back, the new partial outputs go."""
+    for output, aside in reversed(_replaced.pop(stage_dir, [])):
+        if not aside.exists():
+            continue
+        if output.is_dir():
+            shutil.rmtree(output)
+        elif output.exists():
+            output.unlink()
+        os.rename(aside, output)
 
 
 # ---------------------------------------------------------------------------------------
@@ -238,6 +261,16 @@ def _put_back(folder: Path) -> None:
 # ---------------------------------------------------------------------------------------
 
 UPSTREAM_USES_MODEL = ("extract", "train", "eval")  # stages that load `model.pretrained` itself
+# Whose finished run (DONE.json run id) each stage depends on. `eval` follows the weights of the
+# models it scores by itself (a retrained `ce` or a new `scst` is evaluated again, the others
+# reused: stages/eval.py), so only a redone extraction (other cached tokens) makes it stale.
+UPSTREAM_RUNS: dict[str, tuple[str, ...]] = {
+    "extract": (),
+    "train": ("extract",),
+    "scst": ("train",),
+    "eval": ("extract",),
+    "caption": ("train", "scst"),
+}
 
 
 def stage_inputs(config: Config, name: str) -> dict[str, Any]:
@@ -247,7 +280,7 @@ def stage_inputs(config: Config, name: str) -> dict[str, Any]:
         inputs["annotations"] = content_hash(config.data.annotations)
     if name in UPSTREAM_USES_MODEL:
         inputs["model"] = folder_identity(config.model.pretrained)
-    for upstream in STAGE_INPUTS[name]:
+    for upstream in UPSTREAM_RUNS[name]:
         done = read_done(config, upstream)
         inputs[upstream] = None if done is None else done.get("run_id", done.get("finished_at"))
     return inputs
