@@ -10,8 +10,14 @@ import pytest
 import torch
 
 from pipeline.annotations import read_annotations
-from pipeline.config import DataConfig, config_from_dict, stage_fingerprint
+from pipeline.config import DataConfig, ModelConfig, config_from_dict, load_config, stage_fingerprint
+from pipeline.demo.qademo import add_words, caption_demo_config, per_question_accuracy
+from pipeline.demo.synth import make_synthetic_world
+from pipeline.demo.testmodels import init_model
+from pipeline.demo.tinyworld import tiny_config
 from pipeline.errors import AnnotationError, ConfigError
+from pipeline.model import VideoCaptioner
+from pipeline.plan import plan_config
 from pipeline.qa import (
     ExactMatchReward,
     QaItem,
@@ -24,6 +30,8 @@ from pipeline.qa import (
     qa_prompt,
     question_type,
 )
+from stages import eval as eval_stage
+from stages import extract, scst, train
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -258,8 +266,6 @@ PROMPTS = ["question what colour is the object ? short answer", "a video of"]
 
 @pytest.mark.parametrize("flavour", ["tiny-t5", "tiny-opt"])
 def test_per_example_prompts_are_padded_without_changing_any_example(tiny_models, flavour):
-    from pipeline.config import ModelConfig
-    from pipeline.model import VideoCaptioner
 
     cfg = ModelConfig(pretrained=tiny_models[flavour], num_frames=2, image_size=32)
     model = VideoCaptioner.from_pretrained(tiny_models[flavour], cfg, load_vision=False)
@@ -296,10 +302,6 @@ def test_per_example_prompts_are_padded_without_changing_any_example(tiny_models
 
 
 def test_qa_config_at_the_captioning_cache_extracts_nothing(tmp_path):
-    from pipeline.demo.qademo import add_words
-    from pipeline.demo.synth import make_synthetic_world
-    from pipeline.demo.testmodels import init_model
-    from stages import extract
 
     world = make_synthetic_world(tmp_path / "world", num_videos=6, seed=0)
     model = init_model(tmp_path / "tiny-t5", "tiny-t5", vocab_from=world["annotations"], seed=0)
@@ -322,10 +324,6 @@ def test_qa_config_at_the_captioning_cache_extracts_nothing(tmp_path):
 
 
 def test_tiny_qa_run_trains_and_evaluates_from_the_demo_cache(tiny_world, tmp_path):
-    from pipeline.demo.qademo import add_words, per_question_accuracy
-    from pipeline.demo.tinyworld import tiny_config
-    from stages import eval as eval_stage
-    from stages import scst, train
 
     questions = Path(tiny_world["annotations"]).with_name("annotations_qa.jsonl")  # the world has them
     model = add_words(tiny_world["model"], tmp_path / "tiny-t5-qa", questions)
@@ -377,8 +375,6 @@ QA_PRESETS = {  # QA preset -> the captioning preset whose cache it reads, and t
 
 @pytest.mark.parametrize("preset", sorted(QA_PRESETS))
 def test_qa_presets_read_their_captioning_cache_with_the_seed_recipe(preset):
-    from pipeline.config import load_config
-    from pipeline.plan import plan_config
 
     qa, (captioning, questions) = load_config(ROOT / f"configs/{preset}.yaml"), QA_PRESETS[preset]
     caption = load_config(ROOT / f"configs/{captioning}.yaml")
@@ -409,7 +405,6 @@ def test_qa_presets_read_their_captioning_cache_with_the_seed_recipe(preset):
 
 
 def test_demo_qa_reads_the_captioning_demos_cache():
-    from pipeline.config import load_config
 
     qa, caption = load_config(ROOT / "configs/demo_qa.yaml"), load_config(ROOT / "configs/demo.yaml")
     assert qa.cache_path == caption.cache_path and qa.data.task == "qa"
@@ -419,7 +414,6 @@ def test_demo_qa_reads_the_captioning_demos_cache():
         assert getattr(getattr(qa, section), name) == getattr(getattr(caption, section), name), key
     assert Path(qa.data.annotations).parent == Path(caption.data.annotations).parent  # one world
     assert qa.model.pretrained == caption.model.pretrained + "-qa"  # pipeline.demo.qademo.QA_SUFFIX
-    from pipeline.demo.qademo import caption_demo_config
 
     base = caption_demo_config(qa)  # what `prepare: demo` builds first
     assert (base.data.task, base.data.annotations, base.model.pretrained) == (
