@@ -1,7 +1,7 @@
 """The configuration schema: one typed dataclass per section, loaded from YAML.
 
 A config file is a YAML mapping of sections (``run``, ``data``, ``decode``, ``model``,
-``cache``, ``extract``, ``train``, ``scst``, ``eval``, ``caption``) to their keys. Every
+``cache``, ``extract``, ``train``, ``scst``, ``eval``, ``caption``, ``qa``) to their keys. Every
 command takes ``--set section.key=value`` overrides on top of the file. An unknown or
 mistyped key is an error that names the key and the file, and every field's docstring
 below is also its reference documentation (see ``vidcap config-reference``).
@@ -150,9 +150,12 @@ class DataConfig:
     """Keep only the first N videos of each split (0: all); for smoke tests."""
     train_sets: list[TrainSetConfig] = field(default_factory=list)
     """Train on a mixture: sets `{name, ratio, annotations, format, cache, pool, filter}` (README, Pseudo-labelling)."""
+    task: str = "caption"
+    """`caption`, or `qa`: answer questions about the videos (settings in the `qa` section)."""
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
+        _check_choice("data.task", self.task, ("caption", "qa"))
         if isinstance(self.annotations, list):
             if not all(isinstance(p, str) and p for p in self.annotations):
                 raise ConfigError(
@@ -508,6 +511,31 @@ class CaptionConfig:
 
 
 @dataclass
+class QaConfig:
+    """Video question answering (`data.task: qa`); the generation settings are BLIP-2's `predict_answers`."""
+
+    prompt: str = "Question: {} Short answer:"
+    """Language-model prompt per question; `{}` is replaced by the question (BLIP-2's VQA prompt)."""
+    num_beams: int = 5
+    """Beam width of answer generation."""
+    max_new_tokens: int = 10
+    """Maximum answer length in tokens."""
+    min_new_tokens: int = 1
+    """Minimum answer length in tokens (BLIP-2's `min_len=1` counts T5's start token and allows an empty answer)."""
+    length_penalty: float = -1.0
+    """Beam-search length penalty (-1: prefer short answers, as BLIP-2 Flan-T5's `predict_answers`)."""
+    dataset: str = ""
+    """Published numbers printed beside ours: `msrvtt`, `msvd` (MSRVTT-QA, MSVD-QA), or empty (from data.format)."""
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.prompt:
+            raise ConfigError(f"qa.prompt must contain {{}} where the question goes; got {self.prompt!r}")
+        _check_choice("qa.dataset", self.dataset, ("", "msrvtt", "msvd"))
+        _check_positive("qa.num_beams", self.num_beams)
+        _check_positive("qa.max_new_tokens", self.max_new_tokens)
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -519,6 +547,7 @@ class Config:
     scst: ScstConfig = field(default_factory=ScstConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    qa: QaConfig = field(default_factory=QaConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
     stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
@@ -657,9 +686,12 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
+        "qa",
     ),
-    "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed"),
+    "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed", "qa"),
     "eval": (
+        "data.task",
+        "qa",
         "eval.models",
         "eval.split",
         "eval.num_beams",
@@ -670,6 +702,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "caption": ("caption",),
 }
+QA_KEYS = ("data.task", "qa.")
+"""Keys a caption run leaves out of its fingerprints, so they read as before QA existed."""
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "extract": (),
     "train": ("extract",),
@@ -934,6 +968,8 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
             settings[key] = flat[section][name]
         else:
             settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
+    if config.data.task == "caption":
+        settings = {k: v for k, v in settings.items() if not k.startswith(QA_KEYS)}
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
     return settings

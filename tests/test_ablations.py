@@ -298,6 +298,8 @@ def test_cli_reports_a_bad_file_without_a_traceback(tmp_path):
     )
     result = CliRunner().invoke(ablate, [str(path), "--output-dir", str(tmp_path / "out")])
     assert (
-        result.exit_code == 1 and "vidcap: error: " in result.output and "model.llm must be one of" in result.output
+        result.exit_code == 1
+        and "vidcap: error: " in result.output
+        and "model.llm must be one of" in result.output
     )
     assert "Traceback" not in result.output
