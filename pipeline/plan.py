@@ -150,8 +150,17 @@ def _mixture(config: Config) -> str:
     return "; ".join(parts) + "; an epoch sees the first set once in expectation"
 
 
+# Training split of each QA dataset as published: (videos, (video, question) pairs).
+PUBLISHED_QA_TRAIN_SIZES: dict[str, tuple[int, int, str]] = {
+    "msrvtt": (6513, 158_581, "MSRVTT-QA train: 158,581 questions about 6,513 videos"),
+    "msvd": (1200, 30_933, "MSVD-QA train: 30,933 questions about 1,200 videos"),
+}
+
+
 def _train_counts(config: Config) -> dict[str, Any]:
     """Training videos and (video, caption) pairs: from the annotations, else the published sizes."""
+    if config.data.task == "qa":
+        return _qa_train_counts(config)
     try:
         from pipeline.annotations import load_manifest  # deferred: only when the annotations exist
         from pipeline.text import clean_caption
@@ -169,6 +178,27 @@ def _train_counts(config: Config) -> dict[str, Any]:
     captions = [c for c in captions if c]
     where = f"annotations {config.data.annotations}"
     return {"videos": len(captions), "pairs": sum(map(len, captions)), "from": where}
+
+
+def _qa_train_counts(config: Config) -> dict[str, Any]:
+    """`data.task: qa`: training videos and (video, question) pairs, as `pipeline.qa.QaPlan` counts them."""
+    try:
+        from pipeline.qa import load_qa  # deferred (imports torch): only for QA configs
+
+        items = load_qa(config.data).split(config.data.train_split)
+    except (AnnotationError, OSError) as e:
+        known = PUBLISHED_QA_TRAIN_SIZES.get(config.qa.dataset or config.data.format)
+        if known is None:
+            return {"videos": None, "pairs": None, "from": f"unknown: questions not readable ({e})"}
+        videos, pairs, what = known
+        if config.data.max_videos:
+            videos, pairs = min(videos, config.data.max_videos), None
+        return {"videos": videos, "pairs": pairs, "from": f"published size ({what}); annotations not found"}
+    return {
+        "videos": len({i.video_id for i in items}),
+        "pairs": len(items),
+        "from": f"questions in {config.data.annotations}",
+    }
 
 
 def _views(config: Config) -> str:

@@ -180,6 +180,8 @@ class Job:
     """The stage's settings: a checkpoint written under others is not resumed."""
     start_is_candidate: bool = False
     """The starting model competes for `best/` (SCST: keep the CE model if SCST never beats it)."""
+    validator: Callable[..., tuple[dict[str, float], dict[str, Any]]] = validate
+    """`(model, source, validation, env) -> (scores, predictions)` as `validate`; QA: accuracy (`pipeline.qa`)."""
 
 
 def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
@@ -318,7 +320,9 @@ class _Loop:
         """Validate, keep the best in `best/`, log, plot; round 0 is the starting model."""
         state, started = self.state, time.time()
         with unsharded(self.wrapped):  # FSDP: full weights, so ranks caption independently
-            scores, predictions = validate(self.model, self.job.source, self.job.validation, self.env)
+            scores, predictions = self.job.validator(
+                self.model, self.job.source, self.job.validation, self.env
+            )
         cider = state.last_cider = scores["val_cider"]
         if round_ == 0:
             state.start_cider = cider
