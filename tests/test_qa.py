@@ -349,6 +349,7 @@ def test_tiny_qa_run_trains_and_evaluates_from_the_demo_cache(tiny_world, tmp_pa
     assert trained["steps"] == 2 * 15 and losses[-1] < losses[0]  # 12 videos x 5 questions, batch 4
     val = json.loads((tmp_path / "run/train/val/epoch_002.json").read_text())
     assert len(val) == 4 * 5 and set(val) == {f"synth{i:04d}_{j}" for i in range(12, 16) for j in range(5)}
+    assert "val accuracy" in (tmp_path / "run/train/log.txt").read_text()  # QA validates by accuracy
     assert scst.run(config)["steps"] == 2
     summary = eval_stage.run(config)
     for name in ("ce", "scst"):
