@@ -403,6 +403,10 @@ def test_qa_presets_read_their_captioning_cache_with_the_seed_recipe(preset):
     )
     assert (qa.train.lr, qa.train.min_lr, qa.train.warmup_steps) == (5e-5, 1e-5, 1000)
     assert (scst.global_batch, scst.gpu_batch) == (16, 2)
+    assert train.prompt == "Question: {} Short answer:"  # `vidcap plan` shows what QA generates
+    assert train.generation["eval"] == {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1}
+    assert train.generation["validation"]["select"] == "accuracy"
+    assert scst.generation["samples"]["max_new_tokens"] == 10
 
 
 def test_demo_qa_reads_the_captioning_demos_cache():
