@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,9 +50,20 @@ class RunConfig:
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
     demo_unlabelled: float = 0.0
     """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
+    sharding: str = "none"
+    """Under torchrun: `none` (DDP: every process holds the whole model) or `fsdp` (weights, gradients, optimizer state sharded: `llm: full` of a 7B LM)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
+        _check_choice("run.sharding", self.sharding, ("none", "fsdp"))
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"run.device must be auto, cpu, cuda or cuda:N (N a GPU index); got {self.device!r}"
+            )
+        _check_at_least("run.threads", self.threads, 0)
+        _check_positive("run.demo_videos", self.demo_videos)
+        if not self.output_dir:
+            raise ConfigError("run.output_dir must not be empty")
         for stage in self.stages:
             if stage not in STAGES + STAGE_INSTANCES:
                 choices = ", ".join(STAGES + STAGE_INSTANCES)
@@ -157,6 +170,7 @@ class DataConfig:
             raise ConfigError(f"data.train_sets: names must be unique, got {names}")
         if sum(1 for s in self.train_sets if s.pool) > 1:
             raise ConfigError("data.train_sets: at most one set may have a pool to pseudo-label")
+        _check_at_least("data.max_videos", self.max_videos, 0)
 
 
 @dataclass
@@ -168,6 +182,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _check_choice("decode.backend", self.backend, ("pyav", "decord"))
+        _check_at_least("decode.threads", self.threads, 0)
 
 
 @dataclass
@@ -217,6 +232,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
             )
+        _check_positive("model.max_caption_tokens", self.max_caption_tokens)
+        _check_positive("model.lora_r", self.lora_r)
+        _check_positive("model.lora_alpha", self.lora_alpha)
+        _check_range("model.lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.llm == "lora" and not self.lora_target_modules:
+            raise ConfigError("model.lora_target_modules must name at least one module when model.llm=lora")
+        if not self.pretrained:
+            raise ConfigError("model.pretrained must name a hub id or a local folder; it is empty")
 
 
 @dataclass
@@ -232,8 +255,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_choice("cache.codec", self.codec, ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none"))
-        if self.train_views < 0:
-            raise ConfigError(f"cache.train_views must be >= 0, got {self.train_views}")
+        _check_at_least("cache.train_views", self.train_views, 0)
+        low, high = CODEC_LEVELS[self.codec]
+        _check_range(f"cache.codec_level (codec {self.codec})", self.codec_level, low, high)
 
 
 @dataclass
@@ -248,6 +272,11 @@ class ExtractConfig:
     """Address of a running Dask scheduler (`tcp://host:8786`); overrides `workers`."""
     splits: list[str] = field(default_factory=list)
     """Splits to extract (empty: every split in the annotations)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("extract.batch_size", self.batch_size)
+        _check_at_least("extract.decode_workers", self.decode_workers, 0)
+        _check_at_least("extract.workers", self.workers, 0)
 
 
 @dataclass
@@ -322,6 +351,14 @@ class OptimArgs:
                 f"{self.key('batch_size')} ({self.batch_size}) must be divisible by "
                 f"{self.key('grad_accum')} ({self.grad_accum})"
             )
+        if self.max_steps == 0:
+            _check_positive(f"{self.key('epochs')} (with {self.key('max_steps')} 0)", self.epochs)
+        _check_learning_rates(self.SECTION, self.lr, self.min_lr)
+        _check_at_least(self.key("warmup_lr"), self.warmup_lr, 0.0)
+        _check_at_least(self.key("weight_decay"), self.weight_decay, 0.0)
+        _check_at_least(self.key("grad_clip"), self.grad_clip, 0.0)
+        _check_positive(self.key("checkpoint_every"), self.checkpoint_every)
+        _check_positive(self.key("log_every"), self.log_every)
 
     def accumulation(self, world_size: int) -> tuple[int, int]:
         """(examples per process per micro-step, micro-steps per optimiser step) on `world_size` processes.
@@ -364,6 +401,9 @@ class TrainConfig(OptimArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("train.source", self.source, ("cache", "video"))
+        _check_at_least("train.temporal_lr_scale", self.temporal_lr_scale, 0.0)
+        _check_at_least("train.val_max_videos", self.val_max_videos, 0)
+        _check_at_least("train.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -394,8 +434,13 @@ class ScstConfig(OptimArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("scst.baseline", self.baseline, ("greedy", "mean"))
+        _check_positive("scst.samples", self.samples)
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("scst.baseline=mean needs scst.samples >= 2")
+        _check_range("scst.temperature", self.temperature, 0.0, None, low_inclusive=False)
+        _check_at_least("scst.top_k", self.top_k, 0)
+        _check_range("scst.top_p", self.top_p, 0.0, 1.0, low_inclusive=False)
+        _check_positive("scst.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -419,6 +464,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("eval.source", self.source, ("auto", "cache", "video"))
+        if not self.models:
+            raise ConfigError("eval.models is empty; name at least one of zero_shot, ce, scst or a folder")
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_decoding("eval", self.num_beams, self.min_new_tokens, self.max_new_tokens)
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        if unknown or not self.metrics:
+            raise ConfigError(
+                f"eval.metrics: unknown metric {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"choose from {', '.join(METRIC_NAMES)}"
+            )
 
 
 @dataclass
@@ -445,6 +500,14 @@ class CaptionConfig:
     """Model of the `caption` stage (empty: the run's best SCST model, else its best CE model)."""
     out: str = ""
     """JSONL the `caption` stage writes (empty: `<run.output_dir>/caption/captions.jsonl`)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("caption.batch_size", self.batch_size)
+        _check_at_least("caption.decode_workers", self.decode_workers, 0)
+        _check_decoding("caption", self.num_beams, self.min_new_tokens, self.max_new_tokens)
+        _check_at_least("caption.workers", self.workers, 0)
+        if not (math.isfinite(self.window) and self.window >= 0):
+            raise ConfigError(f"caption.window must be >= 0 seconds (0: whole video), got {self.window}")
 
 
 @dataclass
@@ -498,6 +561,11 @@ class Config:
                         f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
                         f"frozen ViT from the feature cache; set {key}: video"
                     )
+        if self.eval.min_new_tokens is not None and self.scst.max_new_tokens < self.eval.min_new_tokens:
+            raise ConfigError(
+                f"scst.max_new_tokens ({self.scst.max_new_tokens}) must be at least "
+                f"eval.min_new_tokens ({self.eval.min_new_tokens})"
+            )
 
     @property
     def output_dir(self) -> Path:
@@ -555,6 +623,17 @@ def model_location(name: str) -> str:
 
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# coco-caption metric names (pipeline/metrics.py computes them; a test keeps the two in step).
+METRIC_NAMES = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+# Valid levels per codec: blosc's clevel 0-9, zstd's 1-22 (0: its default); lz4 ignores it.
+CODEC_LEVELS: dict[str, tuple[int | None, int | None]] = {
+    "zstd": (0, 22),
+    "blosc-zstd": (0, 9),
+    "blosc-lz4": (0, 9),
+    "lz4": (None, None),
+    "none": (None, None),
+}
 # Named instances of those stages on a derived config, for the pseudo-labelling loop
 # (`run_pipeline.py`, `pipeline/mixture.py`): each writes its own folder and DONE.json.
 STAGE_INSTANCES = ("train_labelled", "pseudo_caption", "extract_sets")
@@ -634,6 +713,54 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
 }
 
 
+# The stages that read the annotations; the formats whose annotations are a folder, or a file.
+READS_ANNOTATIONS = ("extract", "train", "scst", "eval")
+FOLDER_FORMATS = ("lavis", "msvd")
+FILE_FORMATS = ("jsonl", "captions_jsonl")
+
+
+def check_stage_inputs(config: Config, stage: str) -> None:
+    """Refuse a config whose input paths that `stage` reads do not exist (or are the wrong kind).
+
+    Run when a stage starts, before it touches anything: the schema alone cannot know which
+    paths a command needs (`vidcap caption` reads no annotations; `prepare: demo` writes them).
+    """
+    data = config.data
+    given = [data.annotations] if isinstance(data.annotations, str) else list(data.annotations)
+    for name in given if stage in READS_ANNOTATIONS else []:
+        path = Path(name).expanduser()
+        if not name:
+            continue
+        if not path.exists():
+            raise ConfigError(f"{config.source}: data.annotations: no such file or folder {path}")
+        if (data.format in FOLDER_FORMATS and not path.is_dir()) or (
+            data.format in FILE_FORMATS and path.is_dir()
+        ):
+            kind = "a folder" if path.is_dir() else "a file"
+            need = "a folder of cap_{train,val,test}.json" if data.format in FOLDER_FORMATS else "a file"
+            raise ConfigError(
+                f"{config.source}: data.annotations={path} is {kind}; data.format={data.format} needs {need}"
+            )
+    if stage == "extract" and data.video_root and not Path(data.video_root).is_dir():
+        raise ConfigError(f"{config.source}: data.video_root: no such folder {data.video_root}")
+    models = [("model.pretrained", config.model.pretrained)]
+    if stage == "caption" and config.caption.model:
+        models.append(("caption.model", config.caption.model))
+    for key, value in models:
+        if looks_like_local_path(value) and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{config.source}: {key}: no such model folder {value}")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` cannot be a Hugging Face hub id (`org/name`), so it must be a local folder."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or "\\" in name
+    )
+
+
 def _yaml() -> Any:
     import yaml  # deferred: compiling its regexes is a third of `vidcap --help`'s start-up
 
@@ -652,7 +779,7 @@ def _sections() -> tuple[dataclasses.Field, ...]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config and apply `section.key=value` overrides; validate everything."""
     raw: dict[str, Any] = {}
-    source = "<defaults>"
+    source = "--set" if overrides else "<defaults>"  # what the errors name when there is no file
     if path is not None:
         source = str(path)
         try:
@@ -777,9 +904,53 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_positive(key: str, value: int) -> None:
-    if value <= 0:
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
         raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _check_at_least(key: str, value: float, minimum: float) -> None:
+    if not value >= minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """`value` within [low, high] (open ends where not inclusive; None: unbounded)."""
+    below = low is not None and (value < low if low_inclusive else value <= low)
+    above = high is not None and (value > high if high_inclusive else value >= high)
+    if below or above or value != value:  # NaN is never in range
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        span = f"{'[' if low_inclusive else '('}{left}, {right}{']' if high_inclusive else ')'}"
+        raise ConfigError(f"{key} must be in {span}, got {value}")
+
+
+def _check_learning_rates(section: str, lr: float, min_lr: float) -> None:
+    _check_positive(f"{section}.lr", lr)
+    _check_at_least(f"{section}.min_lr", min_lr, 0.0)
+    if min_lr > lr:
+        raise ConfigError(f"{section}.min_lr ({min_lr}) must not exceed {section}.lr ({lr})")
+
+
+def _check_decoding(section: str, num_beams: int, min_new_tokens: int | None, max_new_tokens: int) -> None:
+    _check_positive(f"{section}.num_beams", num_beams)
+    _check_positive(f"{section}.max_new_tokens", max_new_tokens)
+    if min_new_tokens is None:  # unset: the model flavour's rule decides
+        return
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
+        raise ConfigError(f"{section}.min_new_tokens must be an integer (or unset), got {min_new_tokens!r}")
+    _check_at_least(f"{section}.min_new_tokens", min_new_tokens, 0)
+    if min_new_tokens > max_new_tokens:
+        raise ConfigError(
+            f"{section}.min_new_tokens ({min_new_tokens}) must not exceed {section}.max_new_tokens ({max_new_tokens})"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -801,19 +972,7 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
         settings = {k: v for k, v in settings.items() if not k.startswith(QA_KEYS)}
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
-    if stage == "train":  # the mixture's annotations are read by content (pseudo-labels get rewritten)
-        for train_set in config.data.train_sets:
-            if train_set.annotations and Path(train_set.annotations).is_file():
-                settings[f"<{train_set.name} annotations>"] = _file_digest(Path(train_set.annotations))
     return settings
-
-
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()[:16]
 
 
 def stage_fingerprint(config: Config, stage: str) -> str:

@@ -312,7 +312,8 @@ def pseudo_caption_config(config: Config) -> Config:
         model=str(teacher.stage_dir("train") / "best"),
         out=pooled[0].annotations,
     )
-    folders = {**teacher.stage_folders, "caption": "pseudo_caption"}
+    # The caption stage depends on the run's train and scst models; here both are the teacher.
+    folders = {**teacher.stage_folders, "scst": "train_labelled", "caption": "pseudo_caption"}
     return dataclasses.replace(teacher, caption=caption, stage_folders=folders)
 
 

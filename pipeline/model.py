@@ -21,6 +21,10 @@ Export format (`save_trained` / `from_trained`), one folder:
   `peft.PeftModel.from_pretrained(language_model, "lora")` opens;
 * with `merge_lora=True` instead: a full Hugging Face BLIP-2 folder (LoRA merged into the LLM,
   trained Q-Former in place, tokenizer) plus `video_model.json` (and temporal embeddings).
+
+Without `merge_lora` the folder holds only what training changed and loads the rest (the ViT,
+the frozen LLM, the tokenizer) from the base `pretrained`: a hub id, or a local folder recorded
+by its absolute path, which must stay there. With `merge_lora` it needs nothing else.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, looks_like_local_path
+from pipeline.errors import StageError
 from pipeline.flavours import FLAVOURS, Flavour, flavour_of  # noqa: F401 (FLAVOURS, Flavour: re-exported)
+from pipeline.sharding import load_full_tensor
 from pipeline.vision import ARCHITECTURES, architecture, autocast, compute_dtype, run_vit, tokens_per_frame
 
 EXPORT_FILE = "video_model.json"
@@ -52,6 +59,22 @@ EXPORT_FORMAT = 1
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a model vidcap wrote (`save_trained`: a checkpoint's best/ or an export)."""
     return (Path(folder) / EXPORT_FILE).is_file()
+
+
+def export_base(folder: str | Path) -> str | None:
+    """The base model an export loads its untrained parts from (None for a merged export, which
+    needs nothing else); a local base folder that is gone is a `StageError` saying what to do."""
+    meta = json.loads((Path(folder) / EXPORT_FILE).read_text())
+    if meta.get("merged"):
+        return None
+    base = meta["pretrained"]
+    if looks_like_local_path(base) and not Path(base).is_dir():
+        raise StageError(
+            f"{folder} is an export that keeps only the trained weights: it needs its base model "
+            f"{base} (`pretrained` in {EXPORT_FILE}), which is not there; put it back, edit that "
+            "path, or export again with `vidcap export --merge-lora` for a folder that needs nothing else"
+        )
+    return base
 
 
 @dataclass
@@ -524,9 +547,12 @@ class VideoCaptioner(nn.Module):
         config.pad_token_id = self.tokenizer.pad_token_id
         if not self.decoder_only:
             config.decoder_start_token_id = self.decoder_start_token_id
+        # Under FSDP (sharded LM blocks) every rank must run as many forwards: generate on until all
+        # ranks are done (transformers' `synced_gpus`, as for DeepSpeed ZeRO-3).
+        synced = any(isinstance(p, DTensor) for p in self.language_model.parameters())
         with self._autocast():
             return self.language_model.generate(
-                inputs_embeds=prefix, attention_mask=prefix_mask, generation_config=config
+                inputs_embeds=prefix, attention_mask=prefix_mask, generation_config=config, synced_gpus=synced
             )
 
     def _place(self, device: torch.device) -> None:
@@ -553,9 +579,8 @@ class VideoCaptioner(nn.Module):
         """Copy a `trainable_state_dict` in; the key sets must match exactly."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         _check_keys(set(state), set(params), "trainable state")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        for name, value in state.items():
+            load_full_tensor(params[name], value)  # sharded like the parameter under FSDP
 
     def save_trained(self, out_dir: str | Path, merge_lora: bool = False) -> Path:
         """Write the export folder (see the module docstring); returns it."""
@@ -646,7 +671,7 @@ def export_settings(folder: str | Path) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
     # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
-    model_cfg.pretrained = str(folder) if meta["merged"] else meta["pretrained"]
+    model_cfg.pretrained = export_base(folder) or str(folder)
     return model_cfg
 
 

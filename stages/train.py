@@ -84,11 +84,13 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, merge_lora: bool = False) -> Path:
-    """Write a self-contained model folder from a run's best model (SCST if present, else CE).
+    """Write a model folder from a run's best model (SCST if present, else CE).
 
     The folder is `VideoCaptioner.save_trained`'s format: `video_model.json` (base model reference
     and the video settings: frames, image size, fusion, prompt...), the trained weights, and the
-    LoRA adapter, or with `merge_lora` a full BLIP-2 folder with LoRA merged into the LLM.
+    LoRA adapter, which load the rest from the base model (hub id, or a local folder that must stay
+    where it is); or with `merge_lora` a full BLIP-2 folder with LoRA merged into the LLM, which
+    needs nothing else.
     `export.json` records where it came from and its validation CIDEr-D.
     """
 
