@@ -1,8 +1,10 @@
-"""The benchmark scripts still run (smoke runs on tiny models; the numbers are not asserted)."""
+"""The benchmark scripts still run (smoke runs on tiny models; numbers are not asserted, except bench_precision's ranking of its rules)."""
 
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,3 +31,18 @@ def test_bench_decode_smoke_run_prints_every_method():
     assert out.returncode == 0, out.stderr
     methods = [line.split("  ")[1].strip() for line in out.stdout.splitlines() if "videos/s/core" in line]
     assert methods == ["sequential (all frames)", "pyav T=8", "pyav T=16", "decord T=8", "decord T=16"]
+
+
+@pytest.mark.slow  # ~30 s: the mid-size ViT in seven precisions
+def test_bench_precision_and_bench_memory_print_their_tables():
+    precision = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_precision.py"), "--frames", "1"],
+                               capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert precision.returncode == 0, precision.stderr
+    rows = {
+        line.split("  ")[1].strip(): float(line.split()[-1]) for line in precision.stdout.splitlines()[2:]
+    }
+    assert rows["bfloat16: fp32 weights + autocast"] < rows["bfloat16: whole ViT in half"]  # vidcap's rule
+    memory = subprocess.run([sys.executable, str(ROOT / "benchmarks/bench_memory.py")],
+                            capture_output=True, text=True, timeout=600, cwd=ROOT)  # fmt: skip
+    assert memory.returncode == 0, memory.stderr
+    assert "COMPUTED" in memory.stdout and "from cache full LLM" in memory.stdout
