@@ -30,6 +30,7 @@ from typing import Any
 import click
 
 from pipeline.config import Config, ConfigError
+from pipeline.demo.qademo import caption_demo_config, prepare_qa_demo
 from pipeline.demo.synth import make_synthetic_world
 from pipeline.demo.testmodels import init_model
 from pipeline.demo.tinypretrain import PRETRAIN_FILE, pretrain_tiny_model
@@ -153,12 +154,12 @@ def format_summary(result: dict[str, Any]) -> str:
     for name, info in result["stages"].items():
         lines.append(f"  {name:<8} {info['status']:<8} {info['seconds']:>8.1f} s")
     if result["metrics"]:
+        qa = any("accuracy" in values for values in result["metrics"].values())  # data.task: qa
+        columns = ("accuracy",) if qa else METRIC_COLUMNS
         lines.append("")
-        lines.append(f"  {'model':<12}" + "".join(f"{c:>10}" for c in METRIC_COLUMNS))
+        lines.append(f"  {'model':<12}" + "".join(f"{c:>10}" for c in columns))
         for model, values in result["metrics"].items():
-            cells = "".join(
-                f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in METRIC_COLUMNS
-            )
+            cells = "".join(f"{100 * values[c]:>10.1f}" if c in values else f"{'-':>10}" for c in columns)
             lines.append(f"  {model:<12}{cells}")
         lines.append("  (scores x 100, as papers report them)")
     return "\n".join(lines)
@@ -166,6 +167,10 @@ def format_summary(result: dict[str, Any]) -> str:
 
 def prepare_demo(config: Config) -> None:
     """Build the demo's synthetic world and tiny model where the config expects them, if missing."""
+    if config.data.task == "qa":  # the captioning demo's world and model first, then its questions
+        prepare_demo(caption_demo_config(config))
+        prepare_qa_demo(config)
+        return
     annotations = Path(config.data.annotations)
     world_summary = annotations.parent / "summary.json"  # written last: the world is complete
     if not world_summary.exists():

@@ -7,7 +7,7 @@ The model is built on the meta device (shapes only). Per trainable parameter: fp
 fp32 gradient (4 B) + AdamW's two fp32 moments (8 B) = 16 B; frozen parameters are stored in bf16
 (2 B), except the ViT (fp32 weights under bf16 autocast: 4 B). The ViT is absent when training from the cache (`train.source: cache`). "replicated" is what
 DDP holds on every GPU; "sharded" divides the trainable state over the GPUs (FSDP-style, frozen
-weights replicated), which vidcap does not implement yet. Activations, the CUDA
+weights replicated): `run.sharding: fsdp`. Activations, the CUDA
 context and allocator slack come on top and depend on batch, frames and checkpointing.
 """
 

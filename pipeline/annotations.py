@@ -30,6 +30,7 @@ the record and the problem; a missing video file is not an error here (`find_mis
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -38,6 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.errors import AnnotationError
+from pipeline.runtime.files import read_text_file
 
 if TYPE_CHECKING:
     from pipeline.config import DataConfig
@@ -179,7 +181,7 @@ def read_annotations(
 def require_references(manifest: Manifest, split: str) -> None:
     """Stop when `split` has videos but not one reference caption, naming where they were looked for."""
     records = manifest.split(split)
-    if records and not any(r.captions for r in records):
+    if records and not any(caption.strip() for r in records for caption in r.captions):
         searched = manifest.searched.get(split) or [manifest.source]
         raise AnnotationError(
             f"{manifest.source}: split {split!r} has {len(records)} videos but no reference captions; "
@@ -225,26 +227,27 @@ def read_jsonl(path: Path, video_root: str | Path = "", video_ext: str = ".mp4")
     """Our generic format: one ``{"video_id", "video", "split", "captions"}`` object per line."""
     root = _root(path, video_root)
     records, seen = [], {}
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            where = f"line {number}"
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise AnnotationError(f"{path}:{number}: invalid JSON: {e.msg}") from None
-            if not isinstance(row, dict):
-                _fail(path, where, f"expected a JSON object, got {type(row).__name__}")
-            video_id = _string(row, "video_id", path, where)
-            where = f"line {number} (video_id {video_id!r})"
-            if video_id in seen:
-                _fail(path, where, f"duplicate video_id (first on line {seen[video_id]})")
-            seen[video_id] = number
-            split = _string(row, "split", path, where)
-            video = _string(row, "video", path, where) if "video" in row else video_id + video_ext
-            captions = _captions(row.get("captions") or [], path, where + " captions")
-            records.append(VideoRecord(video_id, _resolve(root, video), split, captions))
+    with _readable(path):
+        lines = read_text_file(path).split("\n")
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"line {number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise AnnotationError(f"{path}:{number}: invalid JSON: {e.msg}") from None
+        if not isinstance(row, dict):
+            _fail(path, where, f"expected a JSON object, got {type(row).__name__}")
+        video_id = _string(row, "video_id", path, where)
+        where = f"line {number} (video_id {video_id!r})"
+        if video_id in seen:
+            _fail(path, where, f"duplicate video_id (first on line {seen[video_id]})")
+        seen[video_id] = number
+        split = _string(row, "split", path, where)
+        video = _string(row, "video", path, where) if "video" in row else video_id + video_ext
+        captions = _captions(row.get("captions") or [], path, where + " captions")
+        records.append(VideoRecord(video_id, _resolve(root, video), split, captions))
     return Manifest(records, str(path), {r.split: [str(path)] for r in records})
 
 
@@ -581,10 +584,17 @@ def _fail(file: Path, where: str, what: str) -> NoReturn:
 
 def _load_json(file: Path) -> Any:
     try:
-        with file.open(encoding="utf-8") as f:
-            return json.load(f)
+        with _readable(file):
+            return json.loads(read_text_file(file))
     except json.JSONDecodeError as e:
         raise AnnotationError(f"{file}:{e.lineno}: invalid JSON: {e.msg}") from None
+
+
+@contextlib.contextmanager
+def _readable(file: Path) -> Iterator[None]:
+    """An OSError reading `file` (missing, a folder, no permission) as an AnnotationError naming it."""
+    try:
+        yield
     except OSError as e:
         raise AnnotationError(f"{file}: cannot read: {e.strerror}") from None
 

@@ -24,8 +24,9 @@ from safetensors.torch import load_file, save_file
 
 from pipeline.config import diff_settings
 from pipeline.runtime.distributed import DistEnv, gather
-from pipeline.runtime.files import atomic_write_json, fsync_path, fsync_tree
+from pipeline.runtime.files import atomic_write_json, disk_full_names, fsync_path, fsync_tree
 from pipeline.runtime.stage import StageError
+from pipeline.sharding import full_optimizer_state, load_optimizer_state
 
 CHECKPOINTS = "checkpoints"
 KEEP_CHECKPOINTS = 2
@@ -98,26 +99,28 @@ def save_checkpoint(
     """Write `checkpoints/step_XXXXXXXX/` atomically (rank 0); every rank must call it (RNG gather)."""
 
     rngs = gather(env, rng_state())
+    optimizer_state = full_optimizer_state(optimizer)  # FSDP: every rank gathers its moments' shards
     if not env.master_process:
         return None
     folder = stage_dir / CHECKPOINTS
     final = folder / f"step_{state.global_step:08d}"
     tmp = folder / f".tmp-{final.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
     weights = {
         k: v.detach().to("cpu", copy=True).contiguous() for k, v in model.trainable_state_dict().items()
     }
-    save_file(weights, str(tmp / "trainable.safetensors"))
-    torch.save(
-        {
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "rng": rngs,
-            "state": asdict(state),
-        },
-        tmp / "state.pt",
-    )
+    with disk_full_names(tmp):  # a full disk: one message naming it; the checkpoints before stay intact
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / "trainable.safetensors"))
+        torch.save(
+            {
+                "optimizer": optimizer_state,
+                "scheduler": scheduler.state_dict(),
+                "rng": rngs,
+                "state": asdict(state),
+            },
+            tmp / "state.pt",
+        )
     atomic_write_json(tmp / "meta.json", {**meta, "step": state.global_step, "world_size": env.world_size})
     fsync_tree(tmp)
     if final.exists():  # a stale one from before a resume: replaced
@@ -134,7 +137,7 @@ def load_checkpoint(path: Path, model: Any, optimizer: Any, scheduler: Any, env:
 
     model.load_trainable_state_dict(load_file(str(path / "trainable.safetensors"), device=str(env.device)))
     saved = torch.load(path / "state.pt", map_location="cpu", weights_only=True)
-    optimizer.load_state_dict(saved["optimizer"])
+    load_optimizer_state(optimizer, saved["optimizer"])  # sharded again under FSDP
     scheduler.load_state_dict(saved["scheduler"])
     state = LoopState(**saved["state"])
     rngs = saved["rng"]

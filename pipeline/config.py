@@ -1,7 +1,7 @@
 """The configuration schema: one typed dataclass per section, loaded from YAML.
 
 A config file is a YAML mapping of sections (``run``, ``data``, ``decode``, ``model``,
-``cache``, ``extract``, ``train``, ``scst``, ``eval``, ``caption``) to their keys. Every
+``cache``, ``extract``, ``train``, ``scst``, ``eval``, ``caption``, ``qa``) to their keys. Every
 command takes ``--set section.key=value`` overrides on top of the file. An unknown or
 mistyped key is an error that names the key and the file, and every field's docstring
 below is also its reference documentation (see ``vidcap config-reference``).
@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -48,9 +50,20 @@ class RunConfig:
     """Videos in the synthetic world that `prepare: demo` writes (60/20/20 train/val/test)."""
     demo_unlabelled: float = 0.0
     """Fraction of the demo world's training videos left unlabelled (split `unlabelled`, listed in `pool.jsonl`)."""
+    sharding: str = "none"
+    """Under torchrun: `none` (DDP: every process holds the whole model) or `fsdp` (weights, gradients, optimizer state sharded: `llm: full` of a 7B LM)."""
 
     def __post_init__(self) -> None:
         _check_choice("run.prepare", self.prepare, ("", "demo"))
+        _check_choice("run.sharding", self.sharding, ("none", "fsdp"))
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError(
+                f"run.device must be auto, cpu, cuda or cuda:N (N a GPU index); got {self.device!r}"
+            )
+        _check_at_least("run.threads", self.threads, 0)
+        _check_positive("run.demo_videos", self.demo_videos)
+        if not self.output_dir:
+            raise ConfigError("run.output_dir must not be empty")
         for stage in self.stages:
             if stage not in STAGES + STAGE_INSTANCES:
                 choices = ", ".join(STAGES + STAGE_INSTANCES)
@@ -137,9 +150,12 @@ class DataConfig:
     """Keep only the first N videos of each split (0: all); for smoke tests."""
     train_sets: list[TrainSetConfig] = field(default_factory=list)
     """Train on a mixture: sets `{name, ratio, annotations, format, cache, pool, filter}` (README, Pseudo-labelling)."""
+    task: str = "caption"
+    """`caption`, or `qa`: answer questions about the videos (settings in the `qa` section)."""
 
     def __post_init__(self) -> None:
         _check_choice("data.format", self.format, DATA_FORMATS)
+        _check_choice("data.task", self.task, ("caption", "qa"))
         if isinstance(self.annotations, list):
             if not all(isinstance(p, str) and p for p in self.annotations):
                 raise ConfigError(
@@ -154,6 +170,7 @@ class DataConfig:
             raise ConfigError(f"data.train_sets: names must be unique, got {names}")
         if sum(1 for s in self.train_sets if s.pool) > 1:
             raise ConfigError("data.train_sets: at most one set may have a pool to pseudo-label")
+        _check_at_least("data.max_videos", self.max_videos, 0)
 
 
 @dataclass
@@ -165,6 +182,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         _check_choice("decode.backend", self.backend, ("pyav", "decord"))
+        _check_at_least("decode.threads", self.threads, 0)
 
 
 @dataclass
@@ -214,6 +232,14 @@ class ModelConfig:
             raise ConfigError(
                 f"model.image_size must be positive (or 0: the checkpoint's own), got {self.image_size}"
             )
+        _check_positive("model.max_caption_tokens", self.max_caption_tokens)
+        _check_positive("model.lora_r", self.lora_r)
+        _check_positive("model.lora_alpha", self.lora_alpha)
+        _check_range("model.lora_dropout", self.lora_dropout, 0.0, 1.0, high_inclusive=False)
+        if self.llm == "lora" and not self.lora_target_modules:
+            raise ConfigError("model.lora_target_modules must name at least one module when model.llm=lora")
+        if not self.pretrained:
+            raise ConfigError("model.pretrained must name a hub id or a local folder; it is empty")
 
 
 @dataclass
@@ -229,8 +255,9 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _check_choice("cache.codec", self.codec, ("zstd", "lz4", "blosc-zstd", "blosc-lz4", "none"))
-        if self.train_views < 0:
-            raise ConfigError(f"cache.train_views must be >= 0, got {self.train_views}")
+        _check_at_least("cache.train_views", self.train_views, 0)
+        low, high = CODEC_LEVELS[self.codec]
+        _check_range(f"cache.codec_level (codec {self.codec})", self.codec_level, low, high)
 
 
 @dataclass
@@ -245,6 +272,11 @@ class ExtractConfig:
     """Address of a running Dask scheduler (`tcp://host:8786`); overrides `workers`."""
     splits: list[str] = field(default_factory=list)
     """Splits to extract (empty: every split in the annotations)."""
+
+    def __post_init__(self) -> None:
+        _check_positive("extract.batch_size", self.batch_size)
+        _check_at_least("extract.decode_workers", self.decode_workers, 0)
+        _check_at_least("extract.workers", self.workers, 0)
 
 
 @dataclass
@@ -319,6 +351,14 @@ class OptimArgs:
                 f"{self.key('batch_size')} ({self.batch_size}) must be divisible by "
                 f"{self.key('grad_accum')} ({self.grad_accum})"
             )
+        if self.max_steps == 0:
+            _check_positive(f"{self.key('epochs')} (with {self.key('max_steps')} 0)", self.epochs)
+        _check_learning_rates(self.SECTION, self.lr, self.min_lr)
+        _check_at_least(self.key("warmup_lr"), self.warmup_lr, 0.0)
+        _check_at_least(self.key("weight_decay"), self.weight_decay, 0.0)
+        _check_at_least(self.key("grad_clip"), self.grad_clip, 0.0)
+        _check_positive(self.key("checkpoint_every"), self.checkpoint_every)
+        _check_positive(self.key("log_every"), self.log_every)
 
     def accumulation(self, world_size: int) -> tuple[int, int]:
         """(examples per process per micro-step, micro-steps per optimiser step) on `world_size` processes.
@@ -361,6 +401,9 @@ class TrainConfig(OptimArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("train.source", self.source, ("cache", "video"))
+        _check_at_least("train.temporal_lr_scale", self.temporal_lr_scale, 0.0)
+        _check_at_least("train.val_max_videos", self.val_max_videos, 0)
+        _check_at_least("train.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -391,8 +434,13 @@ class ScstConfig(OptimArgs):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("scst.baseline", self.baseline, ("greedy", "mean"))
+        _check_positive("scst.samples", self.samples)
         if self.samples < 2 and self.baseline == "mean":
             raise ConfigError("scst.baseline=mean needs scst.samples >= 2")
+        _check_range("scst.temperature", self.temperature, 0.0, None, low_inclusive=False)
+        _check_at_least("scst.top_k", self.top_k, 0)
+        _check_range("scst.top_p", self.top_p, 0.0, 1.0, low_inclusive=False)
+        _check_positive("scst.max_new_tokens", self.max_new_tokens)
 
 
 @dataclass
@@ -416,6 +464,16 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("eval.source", self.source, ("auto", "cache", "video"))
+        if not self.models:
+            raise ConfigError("eval.models is empty; name at least one of zero_shot, ce, scst or a folder")
+        _check_positive("eval.batch_size", self.batch_size)
+        _check_decoding("eval", self.num_beams, self.min_new_tokens, self.max_new_tokens)
+        unknown = [m for m in self.metrics if m not in METRIC_NAMES]
+        if unknown or not self.metrics:
+            raise ConfigError(
+                f"eval.metrics: unknown metric {', '.join(map(repr, unknown)) or '(none given)'}; "
+                f"choose from {', '.join(METRIC_NAMES)}"
+            )
 
 
 @dataclass
@@ -443,6 +501,39 @@ class CaptionConfig:
     out: str = ""
     """JSONL the `caption` stage writes (empty: `<run.output_dir>/caption/captions.jsonl`)."""
 
+    def __post_init__(self) -> None:
+        _check_positive("caption.batch_size", self.batch_size)
+        _check_at_least("caption.decode_workers", self.decode_workers, 0)
+        _check_decoding("caption", self.num_beams, self.min_new_tokens, self.max_new_tokens)
+        _check_at_least("caption.workers", self.workers, 0)
+        if not (math.isfinite(self.window) and self.window >= 0):
+            raise ConfigError(f"caption.window must be >= 0 seconds (0: whole video), got {self.window}")
+
+
+@dataclass
+class QaConfig:
+    """Video question answering (`data.task: qa`); the generation settings are BLIP-2's `predict_answers`."""
+
+    prompt: str = "Question: {} Short answer:"
+    """Language-model prompt per question; `{}` is replaced by the question (BLIP-2's VQA prompt)."""
+    num_beams: int = 5
+    """Beam width of answer generation."""
+    max_new_tokens: int = 10
+    """Maximum answer length in tokens."""
+    min_new_tokens: int = 1
+    """Minimum answer length in tokens (BLIP-2's `min_len=1` counts T5's start token and allows an empty answer)."""
+    length_penalty: float = -1.0
+    """Beam-search length penalty (-1: prefer short answers, as BLIP-2 Flan-T5's `predict_answers`)."""
+    dataset: str = ""
+    """Published numbers printed beside ours: `msrvtt`, `msvd` (MSRVTT-QA, MSVD-QA), or empty (from data.format)."""
+
+    def __post_init__(self) -> None:
+        if "{}" not in self.prompt:
+            raise ConfigError(f"qa.prompt must contain {{}} where the question goes; got {self.prompt!r}")
+        _check_choice("qa.dataset", self.dataset, ("", "msrvtt", "msvd"))
+        _check_positive("qa.num_beams", self.num_beams)
+        _check_positive("qa.max_new_tokens", self.max_new_tokens)
+
 
 @dataclass
 class Config:
@@ -456,6 +547,7 @@ class Config:
     scst: ScstConfig = field(default_factory=ScstConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     caption: CaptionConfig = field(default_factory=CaptionConfig)
+    qa: QaConfig = field(default_factory=QaConfig)
     source: str = field(default="<defaults>", compare=False, repr=False)
     stage_folders: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
     """Folder names of stages run as a named instance (`train` -> `train_labelled`); not a YAML key."""
@@ -469,6 +561,11 @@ class Config:
                         f"model.vit: {self.model.vit} trains the ViT, but {key}: cache reads the tokens of the "
                         f"frozen ViT from the feature cache; set {key}: video"
                     )
+        if self.eval.min_new_tokens is not None and self.scst.max_new_tokens < self.eval.min_new_tokens:
+            raise ConfigError(
+                f"scst.max_new_tokens ({self.scst.max_new_tokens}) must be at least "
+                f"eval.min_new_tokens ({self.eval.min_new_tokens})"
+            )
 
     @property
     def output_dir(self) -> Path:
@@ -526,6 +623,17 @@ def model_location(name: str) -> str:
 
 
 STAGES = ("extract", "train", "scst", "eval", "caption")
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+# coco-caption metric names (pipeline/metrics.py computes them; a test keeps the two in step).
+METRIC_NAMES = ("Bleu", "METEOR", "ROUGE_L", "CIDEr", "SPICE")
+# Valid levels per codec: blosc's clevel 0-9, zstd's 1-22 (0: its default); lz4 ignores it.
+CODEC_LEVELS: dict[str, tuple[int | None, int | None]] = {
+    "zstd": (0, 22),
+    "blosc-zstd": (0, 9),
+    "blosc-lz4": (0, 9),
+    "lz4": (None, None),
+    "none": (None, None),
+}
 # Named instances of those stages on a derived config, for the pseudo-labelling loop
 # (`run_pipeline.py`, `pipeline/mixture.py`): each writes its own folder and DONE.json.
 STAGE_INSTANCES = ("train_labelled", "pseudo_caption", "extract_sets")
@@ -578,9 +686,12 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
         "eval.max_new_tokens",  # validation captions use eval's length limits
         "eval.min_new_tokens",
         "run.seed",
+        "qa",
     ),
-    "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed"),
+    "scst": ("scst", "eval.num_beams", "eval.max_new_tokens", "eval.min_new_tokens", "run.seed", "qa"),
     "eval": (
+        "data.task",
+        "qa",
         "eval.models",
         "eval.split",
         "eval.num_beams",
@@ -591,6 +702,8 @@ STAGE_KEYS: dict[str, tuple[str, ...]] = {
     ),
     "caption": ("caption",),
 }
+QA_KEYS = ("data.task", "qa.")
+"""Keys a caption run leaves out of its fingerprints, so they read as before QA existed."""
 STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "extract": (),
     "train": ("extract",),
@@ -598,6 +711,54 @@ STAGE_INPUTS: dict[str, tuple[str, ...]] = {
     "eval": ("train", "scst"),
     "caption": ("train", "scst"),
 }
+
+
+# The stages that read the annotations; the formats whose annotations are a folder, or a file.
+READS_ANNOTATIONS = ("extract", "train", "scst", "eval")
+FOLDER_FORMATS = ("lavis", "msvd")
+FILE_FORMATS = ("jsonl", "captions_jsonl")
+
+
+def check_stage_inputs(config: Config, stage: str) -> None:
+    """Refuse a config whose input paths that `stage` reads do not exist (or are the wrong kind).
+
+    Run when a stage starts, before it touches anything: the schema alone cannot know which
+    paths a command needs (`vidcap caption` reads no annotations; `prepare: demo` writes them).
+    """
+    data = config.data
+    given = [data.annotations] if isinstance(data.annotations, str) else list(data.annotations)
+    for name in given if stage in READS_ANNOTATIONS else []:
+        path = Path(name).expanduser()
+        if not name:
+            continue
+        if not path.exists():
+            raise ConfigError(f"{config.source}: data.annotations: no such file or folder {path}")
+        if (data.format in FOLDER_FORMATS and not path.is_dir()) or (
+            data.format in FILE_FORMATS and path.is_dir()
+        ):
+            kind = "a folder" if path.is_dir() else "a file"
+            need = "a folder of cap_{train,val,test}.json" if data.format in FOLDER_FORMATS else "a file"
+            raise ConfigError(
+                f"{config.source}: data.annotations={path} is {kind}; data.format={data.format} needs {need}"
+            )
+    if stage == "extract" and data.video_root and not Path(data.video_root).is_dir():
+        raise ConfigError(f"{config.source}: data.video_root: no such folder {data.video_root}")
+    models = [("model.pretrained", config.model.pretrained)]
+    if stage == "caption" and config.caption.model:
+        models.append(("caption.model", config.caption.model))
+    for key, value in models:
+        if looks_like_local_path(value) and not Path(value).expanduser().is_dir():
+            raise ConfigError(f"{config.source}: {key}: no such model folder {value}")
+
+
+def looks_like_local_path(name: str) -> bool:
+    """True when `name` cannot be a Hugging Face hub id (`org/name`), so it must be a local folder."""
+    return (
+        name.startswith(("/", "./", "../", "~", "."))
+        or name.count("/") > 1
+        or name.endswith("/")
+        or "\\" in name
+    )
 
 
 def _yaml() -> Any:
@@ -618,7 +779,7 @@ def _sections() -> tuple[dataclasses.Field, ...]:
 def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
     """Read a YAML config and apply `section.key=value` overrides; validate everything."""
     raw: dict[str, Any] = {}
-    source = "<defaults>"
+    source = "--set" if overrides else "<defaults>"  # what the errors name when there is no file
     if path is not None:
         source = str(path)
         try:
@@ -743,9 +904,53 @@ def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
         raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
 
-def _check_positive(key: str, value: int) -> None:
-    if value <= 0:
+def _check_positive(key: str, value: float) -> None:
+    if not value > 0:
         raise ConfigError(f"{key} must be positive, got {value}")
+
+
+def _check_at_least(key: str, value: float, minimum: float) -> None:
+    if not value >= minimum:
+        raise ConfigError(f"{key} must be >= {minimum}, got {value}")
+
+
+def _check_range(
+    key: str,
+    value: float,
+    low: float | None,
+    high: float | None,
+    low_inclusive: bool = True,
+    high_inclusive: bool = True,
+) -> None:
+    """`value` within [low, high] (open ends where not inclusive; None: unbounded)."""
+    below = low is not None and (value < low if low_inclusive else value <= low)
+    above = high is not None and (value > high if high_inclusive else value >= high)
+    if below or above or value != value:  # NaN is never in range
+        left = "-inf" if low is None else f"{low:g}"
+        right = "inf" if high is None else f"{high:g}"
+        span = f"{'[' if low_inclusive else '('}{left}, {right}{']' if high_inclusive else ')'}"
+        raise ConfigError(f"{key} must be in {span}, got {value}")
+
+
+def _check_learning_rates(section: str, lr: float, min_lr: float) -> None:
+    _check_positive(f"{section}.lr", lr)
+    _check_at_least(f"{section}.min_lr", min_lr, 0.0)
+    if min_lr > lr:
+        raise ConfigError(f"{section}.min_lr ({min_lr}) must not exceed {section}.lr ({lr})")
+
+
+def _check_decoding(section: str, num_beams: int, min_new_tokens: int | None, max_new_tokens: int) -> None:
+    _check_positive(f"{section}.num_beams", num_beams)
+    _check_positive(f"{section}.max_new_tokens", max_new_tokens)
+    if min_new_tokens is None:  # unset: the model flavour's rule decides
+        return
+    if isinstance(min_new_tokens, bool) or not isinstance(min_new_tokens, int):
+        raise ConfigError(f"{section}.min_new_tokens must be an integer (or unset), got {min_new_tokens!r}")
+    _check_at_least(f"{section}.min_new_tokens", min_new_tokens, 0)
+    if min_new_tokens > max_new_tokens:
+        raise ConfigError(
+            f"{section}.min_new_tokens ({min_new_tokens}) must not exceed {section}.max_new_tokens ({max_new_tokens})"
+        )
 
 
 # ---------------------------------------------------------------------------------------
@@ -763,6 +968,8 @@ def stage_settings(config: Config, stage: str) -> dict[str, Any]:
             settings[key] = flat[section][name]
         else:
             settings.update({f"{section}.{k}": v for k, v in flat[section].items()})
+    if config.data.task == "caption":
+        settings = {k: v for k, v in settings.items() if not k.startswith(QA_KEYS)}
     for upstream in STAGE_INPUTS[stage]:
         settings[f"<{upstream}>"] = stage_fingerprint(config, upstream)
     return settings

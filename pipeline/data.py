@@ -222,6 +222,9 @@ class Example:
     video_id: str
     view: int
     caption: str
+    """The training target: a caption, or an answer (`data.task: qa`)."""
+    prompt: str | None = None
+    """This example's own language-model prompt (a question); None: the model's `prompt`."""
 
 
 @dataclass(frozen=True)
@@ -261,8 +264,7 @@ class TrainPlan:
         global_batch: int = 1,
         fresh_views: bool = False,
     ):
-        self.videos = [(r.video_id, [c for c in map(clean_caption, r.captions) if c]) for r in records]
-        self.videos = [(v, caps) for v, caps in self.videos if caps]
+        self.videos = self.video_targets(records)
         if not self.videos:
             raise ValueError("no training video has a reference caption")
         self.seed, self.captions, self.num_views, self.global_batch = seed, captions, num_views, global_batch
@@ -272,6 +274,11 @@ class TrainPlan:
         self.steps_per_epoch = math.ceil(pairs / global_batch)
         stored = max(num_views - 1, 1)
         self._first_view = np.random.default_rng([seed, 1 << 20]).integers(stored, size=len(self.videos))
+
+    def video_targets(self, records: Sequence[Any]) -> list[tuple[str, list[Any]]]:
+        """`(video_id, [targets])` of every video with a target: its cleaned captions (subclasses: others)."""
+        videos = [(r.video_id, [c for c in map(clean_caption, r.captions) if c]) for r in records]
+        return [(v, caps) for v, caps in videos if caps]
 
     def epoch(self, epoch: int) -> list[Example]:
         rng = np.random.default_rng([self.seed, epoch])
@@ -284,7 +291,7 @@ class TrainPlan:
         for j in rng.permutation(len(items)):
             video, caption = items[j]
             read = reads[video] = reads.get(video, -1) + 1
-            examples.append(Example(self.videos[video][0], self.view(video, epoch, read), caption))
+            examples.append(self.example(self.videos[video][0], self.view(video, epoch, read), caption))
         total = self.steps_per_epoch * self.global_batch
         return [examples[i % len(examples)] for i in range(total)]
 
@@ -295,6 +302,10 @@ class TrainPlan:
         per_epoch = len(self.videos[video][1]) if self.captions == "all" else 1
         draw = int(self._first_view[video]) + epoch * per_epoch + read
         return 1 + draw if self.fresh_views else 1 + draw % (self.num_views - 1)
+
+    def example(self, video_id: str, view: int, target: Any) -> Example:
+        """One plan entry from a video's target (a caption here; subclasses hold other targets)."""
+        return Example(video_id, view, target)
 
     def micro_batches(self, epoch: int, sharding: Sharding, start_step: int = 0) -> list[list[Example]]:
         """This rank's micro-batches from `start_step` of `epoch` on, `grad_accum` per step, in order."""
@@ -320,24 +331,31 @@ class MicroBatches(torch.utils.data.Dataset):
 
 
 def collate(examples: Sequence[Example], reader: Any) -> dict[str, Any]:
-    """`{"video_ids", "views", "captions", "inputs"}`; `inputs` is what `source.encode` takes."""
+    """`{"video_ids", "views", "captions", "inputs"}` (+ `"prompts"`); `inputs` is what `source.encode` takes."""
     inputs, kept = reader.load([e.video_id for e in examples], [e.view for e in examples])
     examples = [examples[i] for i in kept]
-    return {
+    batch = {
         "video_ids": [e.video_id for e in examples],
         "views": [e.view for e in examples],
         "captions": [e.caption for e in examples],
         "inputs": inputs,
     }
+    if any(e.prompt is not None for e in examples):
+        batch["prompts"] = [e.prompt for e in examples]
+    return batch
 
 
 def to_device(batch: dict[str, Any], source: Any, device: str | torch.device) -> dict[str, Any]:
-    """A loaded batch -> `{"video_ids", "frame_tokens" (B, T, L, D) float32 on device, "captions"}`."""
-    return {
+    """A loaded batch -> `{"video_ids", "frame_tokens" (B, T, L, D) float32 on device, "captions"}`
+    (and `"prompts"` when the examples have their own)."""
+    moved = {
         "video_ids": batch["video_ids"],
         "captions": batch["captions"],
         "frame_tokens": source.encode(batch["inputs"], device),
     }
+    if "prompts" in batch:
+        moved["prompts"] = batch["prompts"]
+    return moved
 
 
 def make_loader(

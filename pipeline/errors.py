@@ -56,6 +56,29 @@ class VideoDecodeError(UserError, RuntimeError):
         return (type(self), (self.path, self.reason))
 
 
+class DiskFullError(UserError, RuntimeError):
+    """A write failed because the disk (or the user's quota) is full; names the file and the free space."""
+
+    def __init__(self, path: str | Path, free: int | None) -> None:
+        self.path = str(path)
+        self.free = free
+        room = "unknown" if free is None else _size(free)
+        super().__init__(
+            f"no space left on the device writing {self.path} ({room} free there); free some space and re-run to resume"
+        )
+
+    def __reduce__(self):  # keep (path, free) when pickled across Dask workers
+        return (type(self), (self.path, self.free))
+
+
+def _size(num_bytes: int) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if num_bytes < 1000:
+            return f"{num_bytes:.0f} {unit}" if unit == "B" else f"{num_bytes:.1f} {unit}"
+        num_bytes /= 1000
+    return f"{num_bytes:.1f} TB"
+
+
 class JavaNotFoundError(UserError, RuntimeError):
     """The coco-caption tokenizer and METEOR need a Java runtime and none is on PATH."""
 

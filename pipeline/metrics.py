@@ -33,6 +33,7 @@ from pycocoevalcap.tokenizer import ptbtokenizer
 
 from pipeline.cider import CiderD
 from pipeline.errors import AnnotationError, JavaNotFoundError
+from pipeline.runtime.files import read_text_file
 from pipeline.text import sanitize_caption
 
 log = logging.getLogger(__name__)
@@ -219,7 +220,7 @@ def load_references(path: str | Path) -> dict[str, list[str]]:
     """References from a COCO-style ground truth ({"annotations": [{"image_id", "caption"}]})
     or a JSONL manifest (rows {"video_id", "captions": [...]}; rows without captions skipped)."""
     path = Path(path)
-    text = path.read_text(encoding="utf-8")
+    text = read_text_file(path)
     try:
         whole = json.loads(text)
     except json.JSONDecodeError:
@@ -257,7 +258,7 @@ def load_results(path: str | Path) -> dict[str, str]:
     """Candidates from a JSON list of {"image_id" or "video_id", "caption"}."""
     path = Path(path)
     try:
-        rows = json.loads(Path(path).read_text(encoding="utf-8"))
+        rows = json.loads(read_text_file(path))
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(rows, list):

@@ -21,6 +21,10 @@ Export format (`save_trained` / `from_trained`), one folder:
   `peft.PeftModel.from_pretrained(language_model, "lora")` opens;
 * with `merge_lora=True` instead: a full Hugging Face BLIP-2 folder (LoRA merged into the LLM,
   trained Q-Former in place, tokenizer) plus `video_model.json` (and temporal embeddings).
+
+Without `merge_lora` the folder holds only what training changed and loads the rest (the ViT,
+the frozen LLM, the tokenizer) from the base `pretrained`: a hub id, or a local folder recorded
+by its absolute path, which must stay there. With `merge_lora` it needs nothing else.
 """
 
 from __future__ import annotations
@@ -36,10 +40,13 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from transformers import AutoTokenizer, GenerationConfig, PreTrainedModel
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, looks_like_local_path
+from pipeline.errors import StageError
 from pipeline.flavours import FLAVOURS, Flavour, flavour_of  # noqa: F401 (FLAVOURS, Flavour: re-exported)
+from pipeline.sharding import load_full_tensor
 from pipeline.vision import ARCHITECTURES, architecture, autocast, compute_dtype, run_vit, tokens_per_frame
 
 EXPORT_FILE = "video_model.json"
@@ -52,6 +59,22 @@ EXPORT_FORMAT = 1
 def is_export(folder: Path) -> bool:
     """Whether `folder` holds a model vidcap wrote (`save_trained`: a checkpoint's best/ or an export)."""
     return (Path(folder) / EXPORT_FILE).is_file()
+
+
+def export_base(folder: str | Path) -> str | None:
+    """The base model an export loads its untrained parts from (None for a merged export, which
+    needs nothing else); a local base folder that is gone is a `StageError` saying what to do."""
+    meta = json.loads((Path(folder) / EXPORT_FILE).read_text())
+    if meta.get("merged"):
+        return None
+    base = meta["pretrained"]
+    if looks_like_local_path(base) and not Path(base).is_dir():
+        raise StageError(
+            f"{folder} is an export that keeps only the trained weights: it needs its base model "
+            f"{base} (`pretrained` in {EXPORT_FILE}), which is not there; put it back, edit that "
+            "path, or export again with `vidcap export --merge-lora` for a folder that needs nothing else"
+        )
+    return base
 
 
 @dataclass
@@ -270,19 +293,23 @@ class VideoCaptioner(nn.Module):
         captions: list[str] | None = None,
         token_ids: Tensor | None = None,
         repeats: int = 1,
+        prompts: list[str] | None = None,
     ) -> Tensor:
         """`ce_loss` when given captions, else `sequence_logprobs` (DDP only syncs through forward)."""
         if captions is not None:
-            return self.ce_loss(frame_tokens, captions)
+            return self.ce_loss(frame_tokens, captions, prompts)
         if token_ids is None:
             raise ValueError("forward needs captions (CE loss) or token_ids (sequence log-probs)")
-        return self.sequence_logprobs(frame_tokens, token_ids, repeats)
+        return self.sequence_logprobs(frame_tokens, token_ids, repeats, prompts=prompts)
 
-    def ce_loss(self, frame_tokens: Tensor, captions: list[str]) -> Tensor:
-        """Mean token cross-entropy of the captions (+ EOS) given [queries; prompt]."""
-        ids, mask = self._tokenize_captions(captions)
-        logp = self._caption_token_logprobs(self.query_outputs(frame_tokens), ids, mask)  # (B, N)
-        return -(logp * mask).sum() / mask.sum()
+    def ce_loss(self, frame_tokens: Tensor, captions: list[str], prompts: list[str] | None = None) -> Tensor:
+        """Mean token cross-entropy of the captions (+ EOS) given [queries; prompt].
+
+        `prompts`: one prompt per video (e.g. a question) instead of `model.prompt` for all.
+        """
+        ids, mask = self._tokenize_captions(captions, prompted=all(prompts) if prompts is not None else None)
+        logp = self._caption_token_logprobs(self.query_outputs(frame_tokens), ids, mask, prompts=prompts)
+        return -(logp * mask).sum() / mask.sum()  # logp (B, N)
 
     def sequence_logprobs(
         self,
@@ -291,6 +318,7 @@ class VideoCaptioner(nn.Module):
         repeats: int = 1,
         temperature: float = 1.0,
         min_new_tokens: int | None = 0,
+        prompts: list[str] | None = None,
     ) -> Tensor:
         """(B*repeats,) summed log-probs of each caption's tokens through its first EOS, with grad.
 
@@ -298,13 +326,15 @@ class VideoCaptioner(nn.Module):
         video); queries are computed once per video and expanded. `temperature` and
         `min_new_tokens` apply what `generate` sampled with (logits / temperature; no EOS before
         `min_new_tokens`, None: the flavour's seed rule), so the log-probs are those of the
-        distribution that drew the samples.
+        distribution that drew the samples. `prompts`: one per video (B,), as given to `generate`.
         """
         queries = self.query_outputs(frame_tokens).repeat_interleave(repeats, dim=0)  # (B*k, Q, H)
+        if prompts is not None:
+            prompts = [p for p in prompts for _ in range(repeats)]
         ids = token_ids.to(self.device)
         mask = _through_first(ids, self.eos_token_id)
         logp = self._caption_token_logprobs(
-            queries, ids, mask, temperature, self.min_new_tokens(min_new_tokens)
+            queries, ids, mask, temperature, self.min_new_tokens(min_new_tokens), prompts
         )
         return (logp * mask).sum(dim=1)
 
@@ -321,10 +351,14 @@ class VideoCaptioner(nn.Module):
         top_p: float = 1.0,
         num_return_sequences: int = 1,
         output_logprobs: bool = False,
+        prompts: list[str] | None = None,
+        length_penalty: float = 1.0,
     ) -> GenerationOutput:
         """Captions for each video: beam search, greedy (`num_beams=1`) or sampling (`do_sample=True`).
 
         `min_new_tokens=None`: the seed's minimum length for this flavour (`min_new_tokens`).
+        `prompts`: one per video (a question) instead of `model.prompt`; `length_penalty` as in
+        transformers' beam search (negative: shorter answers).
         """
         if output_logprobs and num_beams != 1:
             raise ValueError("output_logprobs needs num_beams=1 (greedy or sampling)")
@@ -337,9 +371,10 @@ class VideoCaptioner(nn.Module):
             num_return_sequences=num_return_sequences,
             return_dict_in_generate=True,
             output_logits=output_logprobs,
+            **({"length_penalty": length_penalty} if num_beams > 1 else {}),
             **sampling,
         )
-        out = self._generate(self._prefix_embeds(self.query_outputs(frame_tokens)), config)
+        out = self._generate(*self._prefix_embeds(self.query_outputs(frame_tokens), prompts), config)
         ids = out.sequences
         if not self.decoder_only:
             ids = ids[:, 1:]  # drop the decoder start token
@@ -387,9 +422,8 @@ class VideoCaptioner(nn.Module):
         tok = self.tokenizer
         if tok.pad_token_id is None:  # e.g. LLaMA-style tokenizers; masked out everywhere anyway
             tok.pad_token = tok.eos_token
-        # Decoder-only: generation is left-padded. Our prefixes never need padding (same prompt
-        # for every video, fixed query count), but anything batching prompts through this
-        # tokenizer must pad left.
+        # Decoder-only: generation is left-padded. A shared prompt needs no padding (fixed query
+        # count); per-video prompts (questions) are padded left, between queries and prompt.
         tok.padding_side = "left" if self.decoder_only else "right"
         # The prompt is tokenised with the tokenizer's own special tokens, as the BLIP-2
         # processor and LAVIS do: T5 "a video of</s>", OPT "</s>a video of", LLaMA "<s>...".
@@ -424,12 +458,15 @@ class VideoCaptioner(nn.Module):
             )
         return ids[0]
 
-    def _tokenize_captions(self, captions: list[str]) -> tuple[Tensor, Tensor]:
-        """Captions -> ids (B, N) = at most max_caption_tokens-1 tokens + terminator, right-padded; mask (B, N)."""
+    def _tokenize_captions(self, captions: list[str], prompted: bool | None = None) -> tuple[Tensor, Tensor]:
+        """Captions -> ids (B, N) = at most max_caption_tokens-1 tokens + terminator, right-padded; mask (B, N).
+
+        `prompted`: whether a non-empty prompt precedes the captions (None: `model.prompt` does).
+        """
         # Byte-level BPE tokenizers (OPT/GPT-2) mark word starts with a space: a caption after a
         # non-empty prompt starts with one; after "" it does not (LAVIS: "</s>a man ...\n").
         # Whitespace-split tokenizers ignore it.
-        space = self.flavour.space_before_caption and self.prompt
+        space = self.flavour.space_before_caption and (bool(self.prompt) if prompted is None else prompted)
         texts = [(" " + c) if space else c for c in captions]
         limit = max(self.cfg.max_caption_tokens - 1, 0)
         rows = [
@@ -444,34 +481,53 @@ class VideoCaptioner(nn.Module):
             mask[i, : len(row)] = True
         return ids.to(self.device), mask.to(self.device)
 
-    def _prefix_embeds(self, queries: Tensor) -> Tensor:
-        """(B, Q, H) -> (B, Q+P, H): [projected queries ; prompt token embeddings]."""
+    def _prefix_embeds(self, queries: Tensor, prompts: list[str] | None = None) -> tuple[Tensor, Tensor]:
+        """(B, Q, H) -> [projected queries ; prompt token embeddings] (B, Q+P, H) and its mask (B, Q+P).
+
+        One shared `model.prompt`, or one prompt per video padded to the longest: on the right for
+        T5 (encoder input), on the left for decoder-only LMs (the caption must follow the prompt).
+        """
         embed = self.language_model.get_input_embeddings()
-        prompt = embed(self.prompt_ids)[None].expand(queries.shape[0], -1, -1)  # (B, P, H)
-        return torch.cat([queries.to(prompt.dtype), prompt], dim=1)
+        b = queries.shape[0]
+        if prompts is None:
+            prompt = embed(self.prompt_ids)[None].expand(b, -1, -1)  # (B, P, H)
+            prompt_mask = torch.ones(prompt.shape[:2], dtype=torch.long, device=queries.device)
+        else:
+            if len(prompts) != b:
+                raise ValueError(f"{len(prompts)} prompts for {b} videos")
+            tokens = self.tokenizer(prompts, add_special_tokens=True, padding=True, return_tensors="pt")
+            prompt = embed(tokens.input_ids.to(queries.device))  # (B, P, H)
+            prompt_mask = tokens.attention_mask.to(queries.device)
+        query_mask = torch.ones(queries.shape[:2], dtype=torch.long, device=queries.device)
+        return torch.cat([queries.to(prompt.dtype), prompt], dim=1), torch.cat(
+            [query_mask, prompt_mask], dim=1
+        )
 
     def _caption_token_logprobs(
-        self, queries: Tensor, ids: Tensor, mask: Tensor, temperature: float = 1.0, min_new_tokens: int = 0
+        self,
+        queries: Tensor,
+        ids: Tensor,
+        mask: Tensor,
+        temperature: float = 1.0,
+        min_new_tokens: int = 0,
+        prompts: list[str] | None = None,
     ) -> Tensor:
         """Teacher-forced log p(ids[:, j] | video, prompt, ids[:, :j]) per token: (B, N)."""
         lm = self.language_model
-        prefix = self._prefix_embeds(queries)  # (B, Q+P, H)
+        prefix, prefix_mask = self._prefix_embeds(queries, prompts)  # (B, Q+P, H), (B, Q+P)
         b, n = ids.shape
         with self._autocast():
             if self.decoder_only:  # OPT: one sequence [queries ; prompt ; caption], right-padded
                 inputs = torch.cat([prefix, lm.get_input_embeddings()(ids)], dim=1)
-                attention = torch.cat(
-                    [torch.ones(prefix.shape[:2], dtype=torch.long, device=ids.device), mask.long()], 1
-                )
+                attention = torch.cat([prefix_mask, mask.long()], 1)
                 logits = lm(inputs_embeds=inputs, attention_mask=attention).logits
                 logits = logits[:, prefix.shape[1] - 1 : -1]  # the positions that predict the caption
             else:  # T5: encoder reads [queries ; prompt]; decoder reads <start> + caption shifted right
                 start = torch.full((b, 1), self.decoder_start_token_id, dtype=torch.long, device=ids.device)
                 shifted = ids[:, :-1].masked_fill(~mask[:, :-1], self.tokenizer.pad_token_id)
-                attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=ids.device)
                 logits = lm(
                     inputs_embeds=prefix,
-                    attention_mask=attention,
+                    attention_mask=prefix_mask,
                     decoder_input_ids=torch.cat([start, shifted], dim=1),
                 ).logits
         logits = logits.float() / temperature  # (B, N, V), fp32
@@ -481,8 +537,8 @@ class VideoCaptioner(nn.Module):
             logits = logits.masked_fill(early, -1e9)  # finite: masked-out positions stay 0 * finite
         return -nn.functional.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
 
-    def _generate(self, prefix: Tensor, config: GenerationConfig) -> Any:
-        """Run transformers' generate from [queries ; prompt] embeddings only.
+    def _generate(self, prefix: Tensor, prefix_mask: Tensor, config: GenerationConfig) -> Any:
+        """Run transformers' generate from [queries ; prompt] embeddings (B, Q+P, H) and their mask only.
 
         T5: the embeddings are the encoder input; sequences start with the decoder start token.
         Decoder-only: given `inputs_embeds` and no `input_ids`, sequences hold only new tokens.
@@ -491,10 +547,12 @@ class VideoCaptioner(nn.Module):
         config.pad_token_id = self.tokenizer.pad_token_id
         if not self.decoder_only:
             config.decoder_start_token_id = self.decoder_start_token_id
-        attention = torch.ones(prefix.shape[:2], dtype=torch.long, device=prefix.device)
+        # Under FSDP (sharded LM blocks) every rank must run as many forwards: generate on until all
+        # ranks are done (transformers' `synced_gpus`, as for DeepSpeed ZeRO-3).
+        synced = any(isinstance(p, DTensor) for p in self.language_model.parameters())
         with self._autocast():
             return self.language_model.generate(
-                inputs_embeds=prefix, attention_mask=attention, generation_config=config
+                inputs_embeds=prefix, attention_mask=prefix_mask, generation_config=config, synced_gpus=synced
             )
 
     def _place(self, device: torch.device) -> None:
@@ -521,9 +579,8 @@ class VideoCaptioner(nn.Module):
         """Copy a `trainable_state_dict` in; the key sets must match exactly."""
         params = {name: p for name, p in self.named_parameters() if p.requires_grad}
         _check_keys(set(state), set(params), "trainable state")
-        with torch.no_grad():
-            for name, value in state.items():
-                params[name].copy_(value)
+        for name, value in state.items():
+            load_full_tensor(params[name], value)  # sharded like the parameter under FSDP
 
     def save_trained(self, out_dir: str | Path, merge_lora: bool = False) -> Path:
         """Write the export folder (see the module docstring); returns it."""
@@ -614,7 +671,7 @@ def export_settings(folder: str | Path) -> ModelConfig:
     known = {f.name for f in dataclasses.fields(ModelConfig)}
     model_cfg = ModelConfig(**{k: v for k, v in meta["model"].items() if k in known})
     # A merged export is its own base: a full BLIP-2 folder with the trained weights inside.
-    model_cfg.pretrained = str(folder) if meta["merged"] else meta["pretrained"]
+    model_cfg.pretrained = export_base(folder) or str(folder)
     return model_cfg
 
 

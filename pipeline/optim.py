@@ -29,6 +29,8 @@ class LoopSettings(OptimArgs):
     temporal_lr_scale: float = 1.0
     section: str = "train"
     """The config section the settings come from (named in error messages)."""
+    sharding: str = "none"
+    """`run.sharding`: `fsdp` shards the model over the torchrun processes (pipeline.sharding)."""
 
     def key(self, name: str) -> str:
         return f"{self.section}.{name}"
@@ -45,6 +47,7 @@ class LoopSettings(OptimArgs):
             num_workers=config.train.num_workers,
             temporal_lr_scale=config.train.temporal_lr_scale,
             section=section,
+            sharding=config.run.sharding,
         )
 
     def total_steps(self, steps_per_epoch: int) -> int:

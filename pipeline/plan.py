@@ -132,10 +132,17 @@ def _stage_plan(
         views=_views(config),
         precision=precision(config),
         trainable=trainable,
-        prompt=_seed_default(config, "seed_prompt") if config.model.prompt is None else config.model.prompt,
+        prompt=_prompt(config),
         generation=_generation(config, stage),
         mixture=mixture,
     )
+
+
+def _prompt(config: Config) -> str | None:
+    """The language model's prompt: `qa.prompt` (one per question) for QA, else `model.prompt` or the seed's."""
+    if config.data.task == "qa":
+        return config.qa.prompt
+    return _seed_default(config, "seed_prompt") if config.model.prompt is None else config.model.prompt
 
 
 def _mixture(config: Config) -> str:
@@ -150,8 +157,17 @@ def _mixture(config: Config) -> str:
     return "; ".join(parts) + "; an epoch sees the first set once in expectation"
 
 
+# Training split of each QA dataset as published: (videos, (video, question) pairs).
+PUBLISHED_QA_TRAIN_SIZES: dict[str, tuple[int, int, str]] = {
+    "msrvtt": (6513, 158_581, "MSRVTT-QA train: 158,581 questions about 6,513 videos"),
+    "msvd": (1200, 30_933, "MSVD-QA train: 30,933 questions about 1,200 videos"),
+}
+
+
 def _train_counts(config: Config) -> dict[str, Any]:
     """Training videos and (video, caption) pairs: from the annotations, else the published sizes."""
+    if config.data.task == "qa":
+        return _qa_train_counts(config)
     try:
         from pipeline.annotations import load_manifest  # deferred: only when the annotations exist
         from pipeline.text import clean_caption
@@ -169,6 +185,27 @@ def _train_counts(config: Config) -> dict[str, Any]:
     captions = [c for c in captions if c]
     where = f"annotations {config.data.annotations}"
     return {"videos": len(captions), "pairs": sum(map(len, captions)), "from": where}
+
+
+def _qa_train_counts(config: Config) -> dict[str, Any]:
+    """`data.task: qa`: training videos and (video, question) pairs, as `pipeline.qa.QaPlan` counts them."""
+    try:
+        from pipeline.qa import load_qa  # deferred (imports torch): only for QA configs
+
+        items = load_qa(config.data).split(config.data.train_split)
+    except (AnnotationError, OSError) as e:
+        known = PUBLISHED_QA_TRAIN_SIZES.get(config.qa.dataset or config.data.format)
+        if known is None:
+            return {"videos": None, "pairs": None, "from": f"unknown: questions not readable ({e})"}
+        videos, pairs, what = known
+        if config.data.max_videos:
+            videos, pairs = min(videos, config.data.max_videos), None
+        return {"videos": videos, "pairs": pairs, "from": f"published size ({what}); annotations not found"}
+    return {
+        "videos": len({i.video_id for i in items}),
+        "pairs": len(items),
+        "from": f"questions in {config.data.annotations}",
+    }
 
 
 def _views(config: Config) -> str:
@@ -217,15 +254,25 @@ def _generation(config: Config, stage: str) -> dict[str, Any]:
     lengths = {"max_new_tokens": config.eval.max_new_tokens, "min_new_tokens": _min_new_tokens(config)}
     select = getattr(config, stage).select
     beams = config.eval.num_beams if select == "beam_cider_bleu4" else 1
+    if config.data.task == "qa":  # answers: `qa` lengths and beams; validation: greedy, best by accuracy
+        q = config.qa
+        lengths, select, beams = (
+            {"max_new_tokens": q.max_new_tokens, "min_new_tokens": q.min_new_tokens},
+            "accuracy",
+            1,
+        )
     generation: dict[str, Any] = {"validation": {"num_beams": beams, "select": select, **lengths}}
-    generation["eval"] = {"num_beams": config.eval.num_beams, **lengths}
+    generation["eval"] = {
+        "num_beams": config.qa.num_beams if select == "accuracy" else config.eval.num_beams,
+        **lengths,
+    }
     if stage == "scst":
         s = config.scst
         generation["samples"] = {
             "k": s.samples,
             "baseline": s.baseline,
             "temperature": s.temperature,
-            "max_new_tokens": s.max_new_tokens,
+            "max_new_tokens": lengths["max_new_tokens"] if select == "accuracy" else s.max_new_tokens,
             "min_new_tokens": lengths["min_new_tokens"],
         }
     return generation
@@ -336,7 +383,9 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
     low = "the seed's minimum (T5 4, OPT/Vicuna 5)" if low is None else low
     lengths = f"{low}..{gen['eval']['max_new_tokens']} new tokens"
     val = gen["validation"]
-    best_by = "CIDEr-D + BLEU-4" if val["select"] == "beam_cider_bleu4" else "CIDEr-D"
+    best_by = {"beam_cider_bleu4": "CIDEr-D + BLEU-4", "accuracy": "answer accuracy"}.get(
+        val["select"], "CIDEr-D"
+    )
     generation = (
         f"prompt {p.prompt!r}; validation {val['num_beams']} beam(s), best by {best_by}; "
         f"eval {gen['eval']['num_beams']} beams; {lengths}"

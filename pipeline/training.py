@@ -68,6 +68,7 @@ from pipeline.runtime.distributed import DistEnv, barrier, broadcast, gather
 from pipeline.runtime.files import atomic_write_json
 from pipeline.runtime.runlog import MetricsLog
 from pipeline.runtime.stage import Stage, StageError, progress
+from pipeline.sharding import shard, unsharded
 
 Objective = Callable[[Any, dict[str, Any]], tuple[torch.Tensor, dict[str, Any]]]
 
@@ -179,6 +180,8 @@ class Job:
     """The stage's settings: a checkpoint written under others is not resumed."""
     start_is_candidate: bool = False
     """The starting model competes for `best/` (SCST: keep the CE model if SCST never beats it)."""
+    validator: Callable[..., tuple[dict[str, float], dict[str, Any]]] = validate
+    """`(model, source, validation, env) -> (scores, predictions)` as `validate`; QA: accuracy (`pipeline.qa`)."""
 
 
 def fit(model: Any, objective: Objective, job: Job) -> dict[str, Any]:
@@ -226,10 +229,13 @@ class _Loop:
         )
         self.total_steps = self.settings.total_steps(self.plan.steps_per_epoch)
         self.val_every = self.settings.val_every or self.plan.steps_per_epoch
+        self.wrapped: torch.nn.Module = _ObjectiveModule(model, objective)
+        self.sharded = self.env.ddp and self.settings.sharding == "fsdp"
+        if self.sharded:  # before the optimizer: its parameters become shards (pipeline.sharding)
+            shard(self.wrapped, model.language_model)
         self.optimizer, self.scheduler = build_optimizer(model, self.settings, self.total_steps)
         self.trainable = [p for p in model.parameters() if p.requires_grad]
-        self.wrapped: torch.nn.Module = _ObjectiveModule(model, objective)
-        if self.env.ddp:
+        if self.env.ddp and not self.sharded:
             # Every trainable parameter gets a gradient in every step (the tests check frozen, LoRA and
             # full), so DDP need not search the graph for unused ones (find_unused_parameters=False).
             device_ids = [self.env.local_rank] if self.env.device.startswith("cuda") else None
@@ -279,7 +285,8 @@ class _Loop:
         for micro in range(self.grad_accum):
             batch = to_device(next(self.loader_iter), self.job.source, self.env.device)
             sync = micro == self.grad_accum - 1
-            with self.wrapped.no_sync() if self.env.ddp and not sync else contextlib.nullcontext():
+            replicas = self.env.ddp and not self.sharded  # FSDP reduce-scatters every micro-batch
+            with self.wrapped.no_sync() if replicas and not sync else contextlib.nullcontext():
                 loss, logs = self.wrapped(batch)
                 (loss / self.grad_accum).backward()
             self.window.add(logs, loss, 1.0 / self.grad_accum)
@@ -312,7 +319,10 @@ class _Loop:
     def validate_and_keep_best(self, round_: int, trained: bool) -> None:
         """Validate, keep the best in `best/`, log, plot; round 0 is the starting model."""
         state, started = self.state, time.time()
-        scores, predictions = validate(self.model, self.job.source, self.job.validation, self.env)
+        with unsharded(self.wrapped):  # FSDP: full weights, so ranks caption independently
+            scores, predictions = self.job.validator(
+                self.model, self.job.source, self.job.validation, self.env
+            )
         cider = state.last_cider = scores["val_cider"]
         if round_ == 0:
             state.start_cider = cider
@@ -343,9 +353,10 @@ class _Loop:
             atomic_write_json(self.job.stage_dir / "val" / f"epoch_{round_:03d}.json", predictions)
         loss_text = f"{train_loss:.4f}" if train_loss is not None else "-"
         self.job.log.info(
-            "epoch %d (step %d): val CIDEr-D %.4f%s, train loss %s",
+            "epoch %d (step %d): val %s %.4f%s, train loss %s",
             round_,
             state.global_step,
+            "accuracy" if "val_accuracy" in scores else "CIDEr-D",  # QA validates by accuracy
             cider,
             " (best)" if improved else "",
             loss_text,
@@ -355,14 +366,19 @@ class _Loop:
     def save_checkpoint(self) -> None:
         """Every rank calls it (their RNG states are gathered); rank 0 writes."""
         args = (self.optimizer, self.scheduler, self.state, self.env, self.checkpoint_meta)
-        save_checkpoint(self.job.stage_dir, self.model, *args)
+        with unsharded(self.wrapped):  # FSDP: checkpoints hold full tensors
+            save_checkpoint(self.job.stage_dir, self.model, *args)
 
     def _save_best(self, score: dict[str, Any]) -> None:
-        if self.env.master_process:
-            replace_dir(
-                self.best_dir,
-                lambda tmp: (self.model.save_trained(tmp), atomic_write_json(tmp / BEST_SCORE_FILE, score)),
-            )
+        with unsharded(self.wrapped):  # every rank gathers (FSDP); rank 0 writes
+            if self.env.master_process:
+                replace_dir(
+                    self.best_dir,
+                    lambda tmp: (
+                        self.model.save_trained(tmp),
+                        atomic_write_json(tmp / BEST_SCORE_FILE, score),
+                    ),
+                )
 
     def summary(self) -> dict[str, Any]:
         state, steps_per_epoch = self.state, self.plan.steps_per_epoch

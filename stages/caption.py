@@ -7,12 +7,14 @@
 Inputs are video files, folders (searched recursively for video extensions), globs, or
 manifests: our JSONL (`video` or `video_id` per line), a CSV with a `path` (or `video`)
 column, or a `.txt` list of paths (`pipeline/inputs.py`).
-Each video becomes one JSON line in OUT:
+Each video becomes one JSON line in OUT, which says how its caption was made:
 
-    {"video": "/abs/path.mp4", "caption": "a man is cooking", "confidence": 0.83, "mean_logprob": -0.19,
-     "beam_agreement": 0.71, "model": ..., "num_frames": 8, "sampling": "uniform"}
-                                                    # or "error": "<why it could not be read>"
+    {"video": "/abs/path.mp4", "caption": "a man is cooking",   # or "error": "<why it could not be read>"
+     "confidence": 0.83, "mean_logprob": -0.19, "beam_agreement": 0.71,
+     "model": "/abs/model", "model_sha256": "<hash of the model folder's files>", "num_frames": 8,
+     "image_size": 224, "sampling": "uniform", "num_beams": 5, "max_new_tokens": 32, "min_new_tokens": 5}
 
+`model_sha256` is `hub:<id>` for a hub id; for an export it covers its base folder too.
 `confidence` (geometric-mean token probability of the caption), `mean_logprob` and, with beam
 search, `beam_agreement` (word overlap of the top beams) are `pipeline/confidence.py`'s; they make
 OUT a training set that keeps only confident captions (`format: captions_jsonl`, README,
@@ -20,7 +22,12 @@ Pseudo-labelling).
 
 With `caption.window > 0`, a video becomes one line per window of that many seconds, with
 `start`, `end`, `window` (its index), `windows` (their number) and `window_s` (the length).
-Re-running into an OUT written with another model, frame count or window is refused.
+The video is decoded once, front to back (`pipeline/windows.py`), and its windows are captioned
+and written batch by batch as they come, so a long video holds a few batches in memory; a
+video that fails part-way gets one `error` record, which stands for all its windows.
+Re-running into an OUT written with another model (other files, wherever they lie), frames,
+image size, beams, caption lengths or window is refused, with the differences listed.
+`--retry-errors` attempts the videos with an `error` record again and keeps the rest.
 
 How OUT stays correct when several workers write and anything can be killed
 (`pipeline/runtime/records.py`):
@@ -41,8 +48,9 @@ Errors (missing, empty, corrupt, non-video files) become `error` records and nev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
-import math
+import logging
 import os
 import time
 import uuid
@@ -50,16 +58,17 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from itertools import count
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from pipeline.confidence import captions_with_confidence
-from pipeline.config import Config, absolute_path, model_location
+from pipeline.config import Config, absolute_path, looks_like_local_path, model_location
 from pipeline.errors import ConfigError
 from pipeline.inputs import VideoInput, expand_inputs
-from pipeline.model import VideoCaptioner, is_export
+from pipeline.model import EXPORT_FILE, VideoCaptioner, export_base, is_export
 from pipeline.runtime.cluster import (
     Tally,
     chunk_size_for,
@@ -74,7 +83,15 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
-from pipeline.runtime.records import exclusive_writer, merge_parts, read_records, recorded_videos
+from pipeline.runtime.files import disk_full_names
+from pipeline.runtime.hashing import folder_sha256
+from pipeline.runtime.records import (
+    drop_error_records,
+    exclusive_writer,
+    merge_parts,
+    read_records,
+    recorded_videos,
+)
 from pipeline.runtime.stage import (
     Stage,
     StageError,
@@ -85,10 +102,12 @@ from pipeline.runtime.stage import (
 )
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
-from pipeline.video import VideoDecodeError, load_clip, probe_video
+from pipeline.video import VideoDecodeError, load_clip
+from pipeline.windows import iter_windows
 
 CAPTIONS_FILE = "captions.jsonl"
 TIMERS = ("decode_s", "decode_wait_s", "vit_s", "generate_s", "write_s")
+PROGRESS_EVERY_S = 30.0  # a long windowed video logs how far it got this often
 
 
 @stage_entry("caption")
@@ -106,8 +125,14 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     return stage.finish(caption_videos(list(config.caption.inputs), model, out, config))
 
 
-def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Config) -> dict[str, Any]:
-    """Caption every video `inputs` name into the JSONL `out_path`, skipping those already in it."""
+def caption_videos(
+    inputs: list[str], model_path: str, out_path: str, config: Config, retry_errors: bool = False
+) -> dict[str, Any]:
+    """Caption every video `inputs` name into the JSONL `out_path`, skipping those already in it.
+
+    With `retry_errors`, the videos OUT holds an `error` record for are attempted again (their
+    error records are dropped from OUT first; the new records go at its end).
+    """
     started = time.time()
     config = config.with_absolute_paths()  # what the workers get, wherever they were started
     model_path, out = model_location(model_path), Path(absolute_path(out_path))
@@ -117,10 +142,14 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     cap = config.caption
     check_outputs_apart({"--out": out}, {f"input {name!r}": name for name in inputs})
     with exclusive_writer(out):
-        _refuse_other_settings(out, model_path, config)
+        settings = record_settings(model_path, config)
+        _refuse_other_settings(out, settings)
         items = expand_inputs(inputs, log)
         order = [it.video for it in items]
         merge_parts(out, parts, order)  # first finish what a killed run left behind
+        retried = drop_error_records(out) if retry_errors else 0
+        if retried:
+            log.info("caption: %d error records dropped from %s, to try their videos again", retried, out)
         recorded = recorded_videos(out)
         todo = [it for it in items if it.video not in recorded]
         nothing_to_do = not todo  # then no cluster is started
@@ -146,12 +175,13 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
             run_id = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}"
             tasks = [(f"{run_id}-{i:05d}", chunk) for i, chunk in enumerate(chunks)]
             with progress_counter(len(todo), "caption") as bar:
-                run_chunks(client, caption_task, tasks, model_path, str(parts), config,
+                run_chunks(client, caption_task, tasks, model_path, str(parts), config, settings,
                            on_result=totals.add, on_progress=bar.update)  # fmt: skip
         merge_parts(out, parts, order)
     summary = totals.summary(
         out, model_path, mode, setup_s=totals.started - started, seconds=time.time() - started
     )
+    summary["retried"] = retried
     log.info(
         "caption: %d captioned, %d errors, %d skipped in %.1f s (setup %.1f s; %.2f videos/s; decode %.1f s, "
         "waited for decoding %.1f s, ViT %.1f s, generate %.1f s)",
@@ -162,27 +192,73 @@ def caption_videos(inputs: list[str], model_path: str, out_path: str, config: Co
     return summary
 
 
-def _settings(model_path: str, config: Config) -> dict[str, Any]:
-    """What makes a caption what it is, written into every record and checked on resume."""
-    exported = is_export(Path(model_path))  # then the export fixes the frames
-    model = str(Path(model_path).resolve()) if Path(model_path).is_dir() else model_path  # a hub id as given
-    settings: dict[str, Any] = {"model": model, "sampling": EVAL_SAMPLING}
-    if not exported:
-        settings["num_frames"] = config.model.num_frames
-    if config.caption.window > 0:
-        settings["window_s"] = config.caption.window
+# The keys of a record that say how its caption was made; a resume must match every one.
+SETTINGS_KEYS = (
+    "model_sha256",
+    "num_frames",
+    "image_size",
+    "sampling",
+    "num_beams",
+    "max_new_tokens",
+    "min_new_tokens",
+    "window_s",
+)
+
+
+def record_settings(model_path: str, config: Config) -> dict[str, Any]:
+    """What makes a caption what it is, written into every record and checked on resume: the
+    model (its path for people, the hash of its files for the check), its frames, the decoding."""
+    folder = Path(model_path)
+    cap = config.caption
+    settings: dict[str, Any] = {
+        "model": str(folder.resolve()) if folder.is_dir() else model_path,  # a hub id as given
+        "model_sha256": model_identity(model_path),
+        **_model_frames(model_path, config),
+        "sampling": EVAL_SAMPLING,
+        "num_beams": cap.num_beams,
+        "max_new_tokens": cap.max_new_tokens,
+        "min_new_tokens": cap.min_new_tokens,
+    }
+    if cap.window > 0:
+        settings["window_s"] = cap.window
     return settings
 
 
-def _refuse_other_settings(out: Path, model_path: str, config: Config) -> None:
-    """OUT's records must come from this model and windowing, or a resume would mix captions."""
+def model_identity(model_path: str) -> str:
+    """The content hash of a model folder (with an export's base folder, when it is one); a hub id
+    (nothing local to hash) is identified by its name."""
+    folder = Path(model_path)
+    if not folder.is_dir():
+        if looks_like_local_path(model_path):
+            raise ConfigError(f"no such model folder {model_path}")
+        return f"hub:{model_path}"
+    digest = folder_sha256(folder)
+    base = export_base(folder) if is_export(folder) else None
+    if base is not None:  # the export holds the trained parts; the rest comes from its base
+        digest = hashlib.sha256(f"{digest}+{model_identity(base)}".encode()).hexdigest()
+    return digest
+
+
+def _model_frames(model_path: str, config: Config) -> dict[str, int]:
+    """Frames and image size the model captions with: an export's own, else `config.model`'s."""
+    model = config.model
+    if is_export(Path(model_path)):
+        model = json.loads((Path(model_path) / EXPORT_FILE).read_text())["model"]
+        return {"num_frames": int(model["num_frames"]), "image_size": int(model["image_size"])}
+    return {"num_frames": model.num_frames, "image_size": model.image_size}
+
+
+def _refuse_other_settings(out: Path, want: dict[str, Any]) -> None:
+    """OUT's records must come from this model and these settings, or a resume would mix captions."""
     first = next(read_records(out), None)
     if first is None:
         return
-    want = _settings(model_path, config)
-    keys = ["model", "sampling", "window_s"] + (["num_frames"] if "num_frames" in want else [])
-    changed = [f"{k}: {first.get(k)!r} -> {want.get(k)!r}" for k in keys if first.get(k) != want.get(k)]
+    changed = [
+        f"{k}: {first.get(k)!r} -> {want.get(k)!r}" for k in SETTINGS_KEYS if first.get(k) != want.get(k)
+    ]
     if changed:
+        if first.get("model") != want["model"]:
+            changed.append(f"(model: {first.get('model')!r} -> {want['model']!r})")
         raise StageError(
             f"{out} holds captions made with other settings ({'; '.join(changed)}); "
             "use another --out, or delete it to caption again"
@@ -235,9 +311,13 @@ def caption_task(
     model_path: str,
     parts_dir: str,
     config: Config,
+    base: dict[str, Any],
     on_batch: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
-    """Caption one chunk of videos into its own part file; returns counts and seconds."""
+    """Caption one chunk of videos into its own part file; returns counts and seconds.
+
+    `base` is `record_settings(model_path, config)`, computed once by the caller: every record has it.
+    """
     name, items = task
     model, settings, device = load_captioner(model_path, config)
     cap = config.caption
@@ -247,7 +327,6 @@ def caption_task(
         **dict.fromkeys(TIMERS, 0.0),
         "decode_fallbacks": {},
     }
-    base = {**_settings(model_path, config), "num_frames": settings["num_frames"]}
     part = Path(parts_dir) / f"{name}-{uuid.uuid4().hex[:8]}.jsonl"  # a retried task gets a new file
     part.parent.mkdir(parents=True, exist_ok=True)
     with (
@@ -259,14 +338,17 @@ def caption_task(
             captions = _caption_batch(model, batch.pixels(), device, config, result) if batch.clips else []
             records = batch.records(captions, base)
             started = time.perf_counter()
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
-            f.flush()
-            os.fsync(f.fileno())
+            with disk_full_names(part):
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                f.flush()
+                os.fsync(f.fileno())
             result["write_s"] += time.perf_counter() - started
-            finished = {r["video"] for r in records}
-            result["errors"] += len({r["video"] for r in records if "error" in r})
-            result["captioned"] += len(finished) - len({r["video"] for r in records if "error" in r})
-            if on_batch is not None:
+            # a video is finished by its error record or its last window (windows span batches)
+            failed = {r["video"] for r in records if "error" in r}
+            finished = failed | {r["video"] for r in records if r.get("window", 0) == r.get("windows", 1) - 1}
+            result["errors"] += len(failed)
+            result["captioned"] += len(finished - failed)
+            if on_batch is not None and finished:
                 on_batch(len(finished))
     return result
 
@@ -331,12 +413,13 @@ def _record(clip: _Clip, base: dict[str, Any], **result: Any) -> dict[str, Any]:
 
 
 def _clip_batches(clips: Iterator[_Clip], batch_size: int) -> Iterator[_ClipBatch]:
-    """Batches of `batch_size` clips; a batch ends only between videos, so a video's records go out together."""
+    """Batches of `batch_size` clips. A batch of whole videos ends only between videos; a long video's
+    windows fill batch after batch, so memory holds one batch of windows whatever its length."""
     batch = _ClipBatch()
     for clip in clips:
         (batch.errors if clip.error else batch.clips).append(clip)
         last_of_video = clip.window == clip.windows - 1 or bool(clip.error)
-        if len(batch.clips) >= batch_size and last_of_video:
+        if len(batch.clips) >= batch_size and (last_of_video or clip.start is not None):
             yield batch
             batch = _ClipBatch()
     if batch.clips or batch.errors:
@@ -345,8 +428,21 @@ def _clip_batches(clips: Iterator[_Clip], batch_size: int) -> Iterator[_ClipBatc
 
 def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, pool: ThreadPoolExecutor,
              timers: dict[str, float]) -> Iterator[_Clip]:  # fmt: skip
-    """Clips of `items` in order, decoded about two batches ahead in `pool`."""
+    """Clips of `items` in order, decoded about two batches ahead: whole videos in `pool`, windows
+    of one video after another in one thread of their own (`pipeline/windows.py`)."""
     ahead = 2 * config.caption.batch_size + config.caption.decode_workers
+    if config.caption.window > 0:
+        clips = _windowed_clips(items, settings, config)
+        with ThreadPoolExecutor(1, thread_name_prefix="windows") as reader:
+            for (clip, seconds), waited in prefetch_map(
+                reader, lambda _: _timed(next, clips, None), count(), ahead
+            ):
+                if clip is None:
+                    return
+                timers["decode_s"] += seconds
+                timers["decode_wait_s"] += waited
+                yield clip
+        return
     decode = partial(_decode_item, settings=settings, config=config)
     for (clips, seconds, fallbacks), waited in prefetch_map(pool, decode, items, ahead):
         timers["decode_s"] += seconds
@@ -356,49 +452,57 @@ def _decoded(items: list[VideoInput], settings: dict[str, int], config: Config, 
         yield from clips
 
 
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    started = time.perf_counter()
+    return fn(*args), time.perf_counter() - started
+
+
 def _decode_item(
     item: VideoInput, settings: dict[str, int], config: Config
 ) -> tuple[list[_Clip], float, list[str]]:
-    """One video's clips (one, or one per window) as normalised pixels, or one error clip; and why
-    decoding fell back to pyav, if it did."""
-
+    """One whole video's clip as normalised pixels, or an error clip; and why decoding fell back to
+    pyav, if it did."""
     started = time.perf_counter()
     fallbacks: list[str] = []
-    backend, threads = config.decode.backend, config.decode.threads
     try:
-        spans: list[tuple[float | None, float | None]] = [(None, None)]
-        if config.caption.window > 0:
-            duration = probe_video(item.video, backend).duration
-            if not duration > 0:
-                raise VideoDecodeError(item.video, "unknown duration: cannot cut it into windows")
-            spans = _windows(duration, config.caption.window)
-        clips = []
-        for i, (start, end) in enumerate(spans):
-            frames = load_clip(
-                item.video,
-                settings["num_frames"],
-                settings["image_size"],
-                view=0,
-                backend=backend,
-                threads=threads,
-                start_sec=start,
-                end_sec=end,
-                fallbacks=fallbacks,
-            )  # (T, S, S, 3)
-            clips.append(
-                _Clip(item, normalize_frames(frames), start=start, end=end, window=i, windows=len(spans))
-            )
-    except VideoDecodeError as e:
-        clips = [_Clip(item, error=str(e))]
-    except Exception as e:  # one video must never stop a run over millions: record why, go on
-        clips = [_Clip(item, error=f"{item.video}: {type(e).__name__}: {e}")]
-    return clips, time.perf_counter() - started, fallbacks
+        frames = load_clip(
+            item.video,
+            settings["num_frames"],
+            settings["image_size"],
+            view=0,
+            backend=config.decode.backend,
+            threads=config.decode.threads,
+            fallbacks=fallbacks,
+        )  # (T, S, S, 3)
+        clip = _Clip(item, normalize_frames(frames))
+    except Exception as e:
+        clip = _error_clip(item, e)
+    return [clip], time.perf_counter() - started, fallbacks
 
 
-def _windows(duration: float, window: float) -> list[tuple[float | None, float | None]]:
-    """[start, end) spans of `window` seconds covering `duration`, in milliseconds; the last one may
-    be shorter, and a remainder under 1 ms (a duration just past a multiple of the window) is not
-    a window of its own."""
-    count = max(1, math.ceil((duration - 1e-3) / window))
-    edges = [round(min(duration, i * window), 3) for i in range(count)] + [round(duration, 3)]
-    return list(zip(edges[:-1], edges[1:], strict=True))
+def _windowed_clips(items: list[VideoInput], settings: dict[str, int], config: Config) -> Iterator[_Clip]:
+    """The windows of each video in turn, decoded in one pass per video; a video that fails part-way
+    ends with an error clip (its record then stands for the whole video). Logs progress per video."""
+    log = logging.getLogger("vidcap.caption")
+    for item in items:
+        windows = iter_windows(item.video, settings["num_frames"], settings["image_size"], config.caption.window,
+                               threads=config.decode.threads)  # fmt: skip
+        started = last_report = time.perf_counter()
+        try:
+            for w in windows:
+                yield _Clip(item, normalize_frames(w.frames), start=w.start, end=w.end, window=w.index,
+                            windows=w.count)  # fmt: skip
+                if time.perf_counter() - last_report > PROGRESS_EVERY_S:  # a long video says how far it got
+                    last_report = time.perf_counter()
+                    log.info("caption: %s: window %d/%d (%.0f s of video) after %.1f s", item.video,
+                             w.index + 1, w.count, w.end, last_report - started)  # fmt: skip
+        except Exception as e:
+            yield _error_clip(item, e)
+
+
+def _error_clip(item: VideoInput, error: Exception) -> _Clip:
+    """A video that could not be captioned: why, as its record will say."""
+    if isinstance(error, VideoDecodeError):
+        return _Clip(item, error=str(error))
+    # one video must never stop a run over millions: record why, go on
+    return _Clip(item, error=f"{item.video}: {type(error).__name__}: {error}")

@@ -34,6 +34,7 @@ evaluated again and the others reused. Results of models no longer listed are re
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import hashlib
 import json
@@ -53,6 +54,15 @@ from pipeline.features import store_problems
 from pipeline.metrics import coco_scores, require_java
 from pipeline.model import VideoCaptioner, export_settings, is_export
 from pipeline.published import format_table
+from pipeline.qa import (
+    QaItem,
+    answer_generation,
+    answer_questions,
+    format_qa_table,
+    load_qa,
+    qa_accuracy,
+    qa_dataset,
+)
 from pipeline.runtime.files import atomic_write_bytes, atomic_write_json
 from pipeline.runtime.stage import Stage, StageError, progress, resolve_device, stage_entry
 from pipeline.sampling import VIEW_SCHEME
@@ -87,10 +97,15 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         # Same settings, other weights (a checkpoint appeared or was retrained): the scores are stale.
         stage.log.info("eval: the models to evaluate changed since the last eval; evaluating again")
         stage.reopen()
-    require_java()  # fail before hours of beam search, not after
-    manifest = load_manifest(config.data)
-    require_references(manifest, split)  # before hours of captioning, naming the files searched
-    records = manifest.split(split)
+    qa_items: list[QaItem] = []
+    if config.data.task == "qa":  # questions about the split's videos instead of captions of them
+        questions = load_qa(config.data)
+        qa_items, records = questions.split(split), questions.records(split)
+    else:
+        require_java()  # fail before hours of beam search, not after
+        manifest = load_manifest(config.data)
+        require_references(manifest, split)  # before hours of captioning, naming the files searched
+        records = manifest.split(split)
     source = choose_source(config, [r.video_id for r in records], stage.log)
     device = resolve_device(config.run.device)
 
@@ -104,6 +119,10 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         if previous is not None and previous.get("identity") == identity and not force:
             stage.log.info("eval %s: already scored with these settings, skipping", spec.name)
             metrics[spec.name] = previous
+        elif config.data.task == "qa":
+            metrics[spec.name] = evaluate_qa_model(
+                config, spec, qa_items, records, source, device, out_dir, identity, stage
+            )
         else:
             metrics[spec.name] = evaluate_model(
                 config, spec, records, model_source, device, out_dir, identity, stage, resume=not force
@@ -243,6 +262,8 @@ def model_identity(config: Config, spec: ModelSpec, split: str, source: str) -> 
         },
         "checkpoint": checkpoint_identity(config, spec),
     }
+    if config.data.task == "qa":
+        identity["settings"]["qa"] = dataclasses.asdict(config.qa)
     if source == "cache":
         identity["cache"] = str(config.cache_path.resolve())
     else:
@@ -320,6 +341,44 @@ def evaluate_model(
     atomic_write_json(out_dir / "metrics.json", metrics)  # last: its presence means "this model is done"
     partial.unlink(missing_ok=True)
     log.info("eval %s: %s", spec.name, ", ".join(f"{k} {100 * v:.1f}" for k, v in scores.items()))
+    return metrics
+
+
+def evaluate_qa_model(config: Config, spec: ModelSpec, items: Sequence[QaItem], records: Sequence[VideoRecord],
+                      source: str, device: str, out_dir: Path, identity: dict[str, Any], stage: Stage) -> dict[str, Any]:  # fmt: skip
+    """Answer every question of the split with one model (`qa` generation settings); write
+    predictions.json and metrics.json: top-1 accuracy overall and per question type (`by_type`)."""
+    model = load_model(config, spec, source, device)
+    frames = _frame_source(config, model, records, source)
+    failures = _cache_failures(frames)
+    todo = [item for item in items if item.video_id not in failures]
+    stage.log.info("eval %s: %d questions about %d videos of split %s from %s on %s",
+                   spec.name, len(items), len(records), identity["split"], source, device)  # fmt: skip
+    answers = answer_questions(
+        model, frames, todo, config.qa.prompt, config.eval.batch_size, device, **answer_generation(config.qa)
+    )
+    del model, frames
+    gc.collect()
+    failed = {v: f"extract failed: {failures[v]}" for v in {i.video_id for i in items} if v in failures}
+    failed.update({i.video_id: "could not be decoded" for i in todo if i.question_id not in answers})
+    answered = [item for item in items if item.video_id not in failed]
+    if not answered:
+        raise StageError(
+            f"eval {spec.name}: no question of the split could be answered ({len(failed)} videos failed)"
+        )
+    rows = [{"question_id": i.question_id, "video_id": i.video_id, "question": i.question, "answer": i.answer,
+             "prediction": answers[i.question_id]} for i in answered]  # fmt: skip
+    atomic_write_json(out_dir / "predictions.json", rows)
+    scores = qa_accuracy(answered, answers)
+    metrics = {
+        **scores,
+        "failed": [{"video_id": v, "reason": failed[v]} for v in sorted(failed)],
+        "identity": identity,
+    }
+    atomic_write_json(out_dir / "metrics.json", metrics)  # last: its presence means "this model is done"
+    stage.log.info(
+        "eval %s: accuracy %.1f on %d questions", spec.name, 100 * scores["accuracy"], len(answered)
+    )
     return metrics
 
 
@@ -477,5 +536,7 @@ def _read_json(path: Path) -> dict[str, Any] | None:
 
 
 def _print_table(stage: Stage, config: Config, metrics: dict[str, dict[str, Any]], split: str) -> None:
-    if metrics:
+    if metrics and config.data.task == "qa":
+        stage.log.info("eval results:\n%s", format_qa_table(metrics, qa_dataset(config), split))
+    elif metrics:
         stage.log.info("eval results:\n%s", format_table(metrics, config.data.format, split))

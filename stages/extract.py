@@ -4,9 +4,10 @@
     vidcap extract --config ... --set extract.workers=4                        # local Dask, 4 GPUs
     vidcap extract --config ... --set extract.scheduler=tcp://head:8786        # a Dask cluster
 
-One video's way through: manifest record -> `load_clip` for view 0 (uniform frames, the
-evaluation view) and views 1..`cache.train_views` (head-tail frames, random resized crop,
-flip; random choices seeded by `run.seed` and the video id) -> CLIP normalisation ->
+One video's way through: manifest record -> `load_views`, which decodes once every frame of
+view 0 (uniform frames, the evaluation view) and of views 1..`cache.train_views` (head-tail
+frames, random resized crop, flip; random choices seeded by `run.seed` and the video id) ->
+CLIP normalisation ->
 `FrameEncoder.encode_frames` (the ViT alone, without the LLM; bf16 autocast on CUDA) ->
 `FeatureStore.write_video`, which marks it done. Videos are batched (`extract.batch_size` per
 ViT call); a thread pool of `extract.decode_workers` decodes the next videos while the ViT
@@ -55,10 +56,11 @@ from pipeline.runtime.cluster import (
     split_chunks,
     worker_cached,
 )
+from pipeline.runtime.files import disk_full_names
 from pipeline.runtime.locks import output_lock
 from pipeline.runtime.stage import Stage, StageError, resolve_device, stage_entry
 from pipeline.sampling import normalize_frames
-from pipeline.video import VideoDecodeError, load_clip
+from pipeline.video import VideoDecodeError, load_views
 from pipeline.vision import FrameEncoder, frame_size
 
 MAX_FAILURES_IN_SUMMARY = 50
@@ -66,11 +68,17 @@ Video = tuple[str, str]  # (video_id, path)
 
 
 @stage_entry("extract")
-def run(config: Config, force: bool = False) -> dict[str, Any]:
-    """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary."""
+def run(config: Config, force: bool = False, retry_failed: bool = False) -> dict[str, Any]:
+    """Extract the ViT tokens of every video of the manifest into `config.cache_path`; returns the summary.
+
+    `retry_failed`: attempt the videos the store marks failed again (after fixing their files),
+    even when the stage has finished; the videos done are kept.
+    """
     stage = Stage(config, "extract", force=force)
     if stage.done:
-        return stage.summary
+        if not (retry_failed and _has_failures(config)):
+            return stage.summary
+        stage.reopen()  # its store stays; only the failed videos are attempted again
     started = time.time()
     config = config.with_absolute_paths()  # what the workers get, wherever they were started
     videos = manifest_videos(config)
@@ -84,7 +92,7 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         stage.replaces(config.cache_path, force, is_feature_store, "feature store")  # set aside till done
         store = open_store(config, [v for v, _ in videos], vit)
         require_shared_paths(client, {"feature store": str(store.path)}, stage.log)
-        pending = set(store.pending_ids())
+        pending = set(store.pending_ids(retry_failed=retry_failed))
         todo = [v for v in videos if v[0] in pending]
         skipped = len(store.done_ids())
         stage.log.info("extract: %d videos, %d already done, %d to do; %s, %s %s; store %s", len(videos),
@@ -107,6 +115,11 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         summary["vit_s"], summary["write_s"], config.decode.backend, summary["decode_fallbacks"] or "none",
     )  # fmt: skip
     return stage.finish(summary)
+
+
+def _has_failures(config: Config) -> bool:
+    """Whether the finished stage's store marks any video failed."""
+    return config.cache_path.exists() and bool(FeatureStore.open(config.cache_path).failed())
 
 
 def _local(model: str) -> str:
@@ -243,7 +256,8 @@ def extract_videos(
 def _write_batch(store: Any, ids: list[str], tokens: Any, timers: dict[str, float]) -> list[str]:
     started = time.perf_counter()
     for b, video_id in enumerate(ids):
-        store.write_video(video_id, tokens[b].numpy())  # (V, T, L, D) float16
+        with disk_full_names(store.path):  # one line naming the store and its free space
+            store.write_video(video_id, tokens[b].numpy())  # (V, T, L, D) float16
     timers["write_s"] += time.perf_counter() - started
     return list(ids)
 
@@ -290,22 +304,20 @@ def _decode_video(video: Video, config: Config) -> tuple[str, Any, str, float, l
 
     video_id, path = video
     started = time.perf_counter()
-    views: list[Any] = []
     fallbacks: list[str] = []
     try:
-        for view in range(1 + config.cache.train_views):
-            frames = load_clip(
-                path,
-                config.model.num_frames,
-                frame_size(config.model),
-                view=view,
-                seed=config.run.seed,
-                video_id=video_id,
-                backend=config.decode.backend,
-                threads=config.decode.threads,
-                fallbacks=fallbacks,
-            )  # (T, S, S, 3) uint8
-            views.append(normalize_frames(frames))  # (T, 3, S, S)
+        clips = load_views(  # every frame any view needs decoded once: (V, T, S, S, 3) uint8
+            path,
+            config.model.num_frames,
+            frame_size(config.model),
+            views=range(1 + config.cache.train_views),
+            seed=config.run.seed,
+            video_id=video_id,
+            backend=config.decode.backend,
+            threads=config.decode.threads,
+            fallbacks=fallbacks,
+        )
+        views = [normalize_frames(frames) for frames in clips]  # V x (T, 3, S, S)
     except (VideoDecodeError, OSError, ValueError, RuntimeError) as e:
         return video_id, None, _reason(e), time.perf_counter() - started, fallbacks
     return video_id, torch.stack(views), "", time.perf_counter() - started, fallbacks  # (V, T, 3, S, S)

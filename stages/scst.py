@@ -15,6 +15,10 @@ SCST as Rennie et al. (2017) and self-critical.pytorch do it. For each video of 
    frequencies of the TRAINING references, computed once and cached in `cider_df.npz`;
 5. loss = -mean((r - b) * log p(sample)).
 
+QA (`data.task: qa`): the samples are answers to each example's question, the reward is exact
+match with the reference answer after the VQA normalisation (`pipeline.qa.ExactMatchReward`: the
+metric QA is scored by), lengths are `qa.max_new_tokens` / `qa.min_new_tokens`.
+
 Everything else (DDP, schedule, checkpoints, resume, validation, logs) is `pipeline.training.fit`,
 as for `train`. The starting model (`<run>/train/best`) is validated first and competes for
 `scst/best/`: if SCST never beats it, `best/` is the CE model and the summary says so.
@@ -39,6 +43,7 @@ from pipeline.cider import CiderD, DocumentFrequency, cider_d_reward, simple_tok
 from pipeline.config import Config
 from pipeline.model import VideoCaptioner, is_export
 from pipeline.optim import LoopSettings
+from pipeline.qa import ExactMatchReward, build_qa_job
 from pipeline.runtime.distributed import barrier, setup_distributed
 from pipeline.runtime.files import atomic_write_bytes
 from pipeline.runtime.stage import StageError, stage_entry
@@ -50,9 +55,10 @@ DF_FILE = "cider_df.npz"
 class ScstObjective:
     """`(model, batch) -> (loss, logs)` for self-critical training.
 
-    `scorer` is anything with `score_candidates(video_ids, captions) -> np.ndarray` over
-    `simple_tokenize`d captions: a `CiderD` with the training references in the stage, a stub
-    in tests.
+    `scorer` is anything with `score_candidates(keys, captions) -> np.ndarray` over
+    `simple_tokenize`d captions, keys being `batch[keys_from]`: a `CiderD` with the training
+    references keyed by video id in the stage, a stub in tests, or for QA (`keys_from="captions"`:
+    the batch's reference answers) `pipeline.qa.ExactMatchReward`.
     """
 
     def __init__(
@@ -65,36 +71,40 @@ class ScstObjective:
         top_p: float = 1.0,
         max_new_tokens: int = 32,
         min_new_tokens: int = 0,
+        keys_from: str = "video_ids",
     ):
         if baseline not in ("greedy", "mean"):
             raise ValueError(f"baseline must be greedy or mean, got {baseline!r}")
         self.scorer, self.k, self.baseline = scorer, samples, baseline
         self.lengths = dict(max_new_tokens=max_new_tokens, min_new_tokens=min_new_tokens)
         self.sampling = dict(do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p)
+        self.keys_from = keys_from  # what the scorer looks references up by: video ids, or (QA) the answers
 
     def __call__(self, model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-        frames, video_ids, k = batch["frame_tokens"], batch["video_ids"], self.k  # frames (B, T, L, D)
+        frames, keys, k = batch["frame_tokens"], batch[self.keys_from], self.k  # frames (B, T, L, D)
+        prompts = batch.get("prompts")  # QA: one question per video
         # The policy we deploy, in eval mode (no dropout), samples and is scored with gradient:
         # REINFORCE needs the log-probs of the distribution that drew the samples.
         model.eval()
         with torch.no_grad():
             sampled = model.generate(
-                frames, num_beams=1, num_return_sequences=k, **self.sampling, **self.lengths
+                frames, num_beams=1, num_return_sequences=k, prompts=prompts, **self.sampling, **self.lengths
             )
             greedy = (
-                model.generate(frames, num_beams=1, **self.lengths) if self.baseline == "greedy" else None
+                model.generate(frames, num_beams=1, prompts=prompts, **self.lengths)
+                if self.baseline == "greedy"
+                else None
             )
-        samples = [
-            [simple_tokenize(t) for t in sampled.texts[i * k : (i + 1) * k]] for i in range(len(video_ids))
-        ]
+        samples = [[simple_tokenize(t) for t in sampled.texts[i * k : (i + 1) * k]] for i in range(len(keys))]
         baselines = [simple_tokenize(t) for t in greedy.texts] if greedy is not None else None
-        reward, advantage = cider_d_reward(self.scorer, video_ids, samples, baselines)  # (B, k) each
+        reward, advantage = cider_d_reward(self.scorer, keys, samples, baselines)  # (B, k) each
         logp = model.sequence_logprobs(
             frames,
             sampled.token_ids,
             repeats=k,
             temperature=self.sampling["temperature"],
             min_new_tokens=self.lengths["min_new_tokens"],
+            prompts=prompts,
         )  # (B*k,), with grad
         model.train()
         weight = torch.as_tensor(advantage.reshape(-1), dtype=logp.dtype, device=logp.device)
@@ -149,21 +159,23 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
         )
     torch.manual_seed(config.run.seed)
     model = VideoCaptioner.from_trained(start, device=env.device, load_vision=config.train.source == "video")
-    job = build_job(
-        config, model, stage, env, LoopSettings.from_config(config, "scst"), start_is_candidate=True
-    )
-    manifest = load_manifest(config.data)
-    scorer = training_scorer(manifest.references(config.data.train_split), stage.dir / DF_FILE, env)
     s = config.scst
+    if config.data.task == "qa":  # reward: exact match with the answer, the metric QA is scored by
+        job = build_qa_job(
+            config, model, stage, env, LoopSettings.from_config(config, "scst"), start_is_candidate=True
+        )
+        lengths = dict(max_new_tokens=config.qa.max_new_tokens, min_new_tokens=config.qa.min_new_tokens)
+        scorer, keys_from = ExactMatchReward(), "captions"
+    else:
+        job = build_job(
+            config, model, stage, env, LoopSettings.from_config(config, "scst"), start_is_candidate=True
+        )
+        manifest = load_manifest(config.data)
+        scorer = training_scorer(manifest.references(config.data.train_split), stage.dir / DF_FILE, env)
+        lengths = dict(max_new_tokens=s.max_new_tokens, min_new_tokens=config.eval.min_new_tokens)
+        keys_from = "video_ids"
     objective = ScstObjective(
-        scorer,
-        s.samples,
-        s.baseline,
-        s.temperature,
-        s.top_k,
-        s.top_p,
-        s.max_new_tokens,
-        min_new_tokens=config.eval.min_new_tokens,
+        scorer, s.samples, s.baseline, s.temperature, s.top_k, s.top_p, **lengths, keys_from=keys_from
     )
     stage.log.info(
         "scst from %s: %d videos, %d steps per epoch, k=%d samples, %s baseline",

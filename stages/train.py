@@ -32,6 +32,7 @@ from pipeline.config import Config
 from pipeline.mixture import mixture_job
 from pipeline.model import VideoCaptioner
 from pipeline.optim import LoopSettings
+from pipeline.qa import build_qa_job
 from pipeline.runtime.distributed import setup_distributed
 from pipeline.runtime.files import atomic_write_json
 from pipeline.runtime.stage import StageError, stage_entry
@@ -39,8 +40,8 @@ from pipeline.training import BEST_SCORE_FILE, best_model_dir, build_job, finish
 
 
 def ce_objective(model: Any, batch: dict[str, Any]) -> tuple[torch.Tensor, dict[str, Any]]:
-    """Mean token cross-entropy of the batch's captions given its frames."""
-    return model.ce_loss(batch["frame_tokens"], batch["captions"]), {}
+    """Mean token cross-entropy of the batch's captions (QA: answers to its prompted questions) given its frames."""
+    return model.ce_loss(batch["frame_tokens"], batch["captions"], prompts=batch.get("prompts")), {}
 
 
 @stage_entry("train")
@@ -55,7 +56,8 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
     model = VideoCaptioner.from_pretrained(
         config.model.pretrained, config.model, load_vision=config.train.source == "video", device=env.device
     )
-    job = build_job(config, model, stage, env, LoopSettings.from_config(config, "train"))
+    build = build_qa_job if config.data.task == "qa" else build_job  # QA: questions in, answers out
+    job = build(config, model, stage, env, LoopSettings.from_config(config, "train"))
     if config.data.train_sets:  # validation stays on the labelled data; SCST trains on it alone
         job = mixture_job(job, config, model)
     stage.log.info(
@@ -82,11 +84,13 @@ def run(config: Config, force: bool = False) -> dict[str, Any]:
 
 
 def export_run(run_dir: str | Path, out_dir: str | Path, merge_lora: bool = False) -> Path:
-    """Write a self-contained model folder from a run's best model (SCST if present, else CE).
+    """Write a model folder from a run's best model (SCST if present, else CE).
 
     The folder is `VideoCaptioner.save_trained`'s format: `video_model.json` (base model reference
     and the video settings: frames, image size, fusion, prompt...), the trained weights, and the
-    LoRA adapter, or with `merge_lora` a full BLIP-2 folder with LoRA merged into the LLM.
+    LoRA adapter, which load the rest from the base model (hub id, or a local folder that must stay
+    where it is); or with `merge_lora` a full BLIP-2 folder with LoRA merged into the LLM, which
+    needs nothing else.
     `export.json` records where it came from and its validation CIDEr-D.
     """
 

@@ -505,5 +505,5 @@ def test_score_with_a_duplicate_id_is_a_one_line_error(tmp_path):
     )
     result = CliRunner().invoke(main, ["score", str(gts), str(res), "--impl", "fast"])
     assert result.exit_code == 1
-    assert result.output.strip().splitlines() == [f"Error: {res}: record 1: second caption for 'v1'"]
+    assert result.output.strip().splitlines() == [f"vidcap: error: {res}: record 1: second caption for 'v1'"]
     assert result.exception is None or isinstance(result.exception, SystemExit)  # no traceback

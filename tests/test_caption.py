@@ -236,12 +236,12 @@ def test_windows_caption_consecutive_spans(world, tmp_path):
 
 
 def test_windows_never_end_in_an_empty_span():
-    from stages.caption import _windows
+    from pipeline.windows import window_spans
 
-    assert _windows(30.0001, 10) == [(0, 10), (10, 20), (20, 30.0)]  # not a 4th window [30.0, 30.0)
-    assert _windows(25, 10) == [(0, 10), (10, 20), (20, 25)]
+    assert window_spans(30.0001, 10) == [(0, 10), (10, 20), (20, 30.0)]  # not a 4th window [30.0, 30.0)
+    assert window_spans(25, 10) == [(0, 10), (10, 20), (20, 25)]
     for duration in (0.5, 9.9996, 10.0, 30.0001, 86014 / 29.97):  # the last: 86014 frames at 29.97 fps
-        spans = _windows(duration, 10)
+        spans = window_spans(duration, 10)
         assert all(end > start for start, end in spans) and spans[-1][1] == round(duration, 3)
 
 

@@ -152,14 +152,14 @@ def test_two_dask_workers_write_the_same_store(reference, world, processes, monk
 
 _KILLABLE = """
 import sys, time
-import pipeline.video, stages.extract
+import stages.extract
 from pipeline.config import config_from_dict
 
-real = pipeline.video.load_clip
-def slow_load_clip(*args, **kwargs):  # slow enough to be killed half way
+real = stages.extract.load_views
+def slow_load_views(*args, **kwargs):  # slow enough to be killed half way
     time.sleep(0.4)
     return real(*args, **kwargs)
-pipeline.video.load_clip = slow_load_clip
+stages.extract.load_views = slow_load_views
 stages.extract.run(config_from_dict({config!r}))
 """
 

@@ -45,6 +45,7 @@ def test_files_exist_and_decode_to_the_rendered_frames(world):
     out = Path(world["out_dir"])
     assert {p.name for p in (out / "lavis").iterdir()} == {
         "cap_train.json", "cap_val.json", "cap_test.json", "cap_val_gt.json", "cap_test_gt.json",
+        "qa_train.json", "qa_val.json", "qa_test.json", "train_ans2label.json",
     }  # fmt: skip
     assert json.loads((out / "summary.json").read_text()) == world
     videos = sorted((out / "videos").iterdir())

@@ -16,6 +16,16 @@ import click
 
 from pipeline.runtime.commandline import cli_config, config_options, print_json, user_errors
 
+# `pipeline.demo.testmodels.PRESETS` (a test keeps them in step; importing it would import torch)
+MODEL_PRESETS = (
+    "tiny-t5",
+    "tiny-opt",
+    "vitg-flan-t5-xl",
+    "vitg-opt-2.7b",
+    "tiny-instructblip",
+    "vitg-vicuna-7b",
+)
+
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="vidcap")
@@ -32,21 +42,29 @@ def main() -> None:
     """
 
 
-def _stage_command(name: str, summary: str) -> None:
+def _stage_command(name: str, summary: str, retry_failed: bool = False) -> None:
     @main.command(name=name, help=summary)
     @config_options
     @click.option("--force", is_flag=True, help="Redo the stage even if it finished with other settings.")
     @user_errors
-    def command(config_path: str | None, overrides: tuple[str, ...], force: bool) -> None:
+    def command(config_path: str | None, overrides: tuple[str, ...], force: bool, **options: bool) -> None:
         from pipeline.runtime.stage import configure_threads
         from run_pipeline import STAGES
 
         config = cli_config(config_path, overrides)
         configure_threads(config)
-        print_json(STAGES[name](config, force=force))
+        print_json(STAGES[name](config, force=force, **options))
+
+    if retry_failed:
+        help_text = "Attempt the videos the cache marks failed again (fix their files first); keep the rest."
+        click.option("--retry-failed", is_flag=True, help=help_text)(command)
 
 
-_stage_command("extract", "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.")
+_stage_command(
+    "extract",
+    "Decode videos, run the frozen ViT once, store the tokens in the Zarr cache.",
+    retry_failed=True,
+)
 _stage_command("train", "Cross-entropy training from the cache (or raw videos); torchrun for several GPUs.")
 _stage_command("scst", "Self-critical sequence training (CIDEr-D reward) from the best CE checkpoint.")
 _stage_command(
@@ -77,35 +95,47 @@ def run(ctx: click.Context) -> None:
     type=click.Path(dir_okay=False),
     help="Output JSONL (appended; resumable).",
 )
+@click.option(
+    "--retry-errors", is_flag=True, help="Caption again the videos --out holds an error record for."
+)
 @config_options
 @user_errors
 def caption(
     inputs: tuple[str, ...],
     model_path: str,
     out_path: str,
+    retry_errors: bool,
     config_path: str | None,
     overrides: tuple[str, ...],
 ) -> None:
     """Caption video files, folders, globs or manifests (JSONL, CSV with a path column, text list).
 
     Re-running with the same --out skips videos already captioned; unreadable videos get an
-    `error` record and never stop the run.
+    `error` record and never stop the run (--retry-errors tries them again).
     """
     from pipeline.runtime.stage import configure_threads
     from stages.caption import caption_videos
 
     config = cli_config(config_path, overrides)
     configure_threads(config)
-    print_json(caption_videos(list(inputs), model_path, out_path, config))
+    print_json(caption_videos(list(inputs), model_path, out_path, config, retry_errors=retry_errors))
 
 
 @main.command()
 @click.argument("run_dir", type=click.Path(exists=True, file_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--merge-lora", is_flag=True, help="Merge LoRA weights into a full copy of the language model.")
+@click.option(
+    "--merge-lora",
+    is_flag=True,
+    help="Write a full BLIP-2 folder (LoRA merged into the language model) that needs nothing else.",
+)
 @user_errors
 def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
-    """Write a self-contained model folder from a run (best SCST checkpoint, else best CE)."""
+    """Write a model folder from a run (best SCST checkpoint, else best CE).
+
+    It holds the trained weights and settings, and names the base BLIP-2 it loads the rest from
+    (`pretrained` in video_model.json: a hub id, or a local folder that must stay where it is).
+    With --merge-lora it is a full model folder that needs nothing else."""
     from stages.train import export_run
 
     click.echo(str(export_run(run_dir, out_dir, merge_lora=merge_lora)))
@@ -117,7 +147,8 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
     "--preset",
     default="tiny-t5",
     show_default=True,
-    help="tiny-t5, tiny-opt, vitg-flan-t5-xl, vitg-opt-2.7b.",
+    type=click.Choice(MODEL_PRESETS),
+    help="Tiny random models for tests and the demo; full-size shapes (random weights) for benchmarks.",
 )
 @click.option(
     "--vocab-from",
@@ -127,7 +158,7 @@ def export(run_dir: str, out_dir: str, merge_lora: bool) -> None:
 @click.option("--seed", default=0, show_default=True, help="Initialisation seed.")
 @user_errors
 def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> None:
-    """Write a randomly initialised BLIP-2 as an ordinary Hugging Face folder (tests, demo, benchmarks)."""
+    """Write a randomly initialised BLIP-2 or InstructBLIP as an ordinary Hugging Face folder (tests, demo, benchmarks)."""
     from pipeline.demo.testmodels import init_model as build
 
     click.echo(str(build(out_dir, preset, vocab_from=vocab_from, seed=seed)))
@@ -135,7 +166,9 @@ def init_model(out_dir: str, preset: str, vocab_from: str | None, seed: int) -> 
 
 @main.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--videos", default=120, show_default=True, help="Number of videos.")
+@click.option(
+    "--videos", default=120, show_default=True, type=click.IntRange(min=1), help="Number of videos."
+)
 @click.option("--seed", default=0, show_default=True, help="Seed of the world.")
 @user_errors
 def synth(out_dir: str, videos: int, seed: int) -> None:

@@ -16,6 +16,10 @@ writes, deterministically from the seed:
   latent ``facts`` of each video (colour, shape, direction) for order-word accuracy;
 * ``lavis/cap_{train,val,test}.json`` and ``lavis/cap_{val,test}_gt.json``: the same videos
   in LAVIS form (read with ``video_root`` = ``videos/``);
+* questions about every video (`scene_questions`: its colour, shape, direction of motion, where
+  it stops, how many corners it has), in ``annotations_qa.jsonl`` (the rows of
+  ``annotations.jsonl`` plus a ``qa`` list: one manifest with captions and questions) and in
+  LAVIS's video QA form, ``lavis/qa_{train,val,test}.json`` and ``lavis/train_ans2label.json``;
 * ``summary.json``: the returned summary, written last (its presence means "complete").
 
 Facts are balanced: every (colour, shape, direction) combination occurs once before any
@@ -137,6 +141,61 @@ def parse_facts(caption: str) -> dict[str, str | None]:
     return {"color": color, "shape": shape, "direction": direction}
 
 
+CORNERS = {"square": "four", "triangle": "three", "circle": "zero"}
+"""Answers to "how many corners": words, which the VQA normalisation scores as digits."""
+QUESTIONS = (
+    ("what colour is the object?", "color"),
+    ("what shape is the object?", "shape"),
+    ("which way does the object move?", "direction"),
+    ("where does the object stop?", "end"),
+    ("how many corners does the object have?", "corners"),
+)
+"""(question, the fact that answers it). Direction and end side need frame order; the rest do not."""
+
+
+def scene_questions(scene: Scene) -> list[dict[str, str]]:
+    """Every question of `QUESTIONS` about a scene with its one-word answer."""
+    facts = {**scene.facts(), "end": _SIDES[scene.direction][1], "corners": CORNERS[scene.shape]}
+    return [{"question": question, "answer": facts[fact]} for question, fact in QUESTIONS]
+
+
+def question_fact(question: str) -> str:
+    """Which fact a question of `QUESTIONS` asks for (for per-question accuracy)."""
+    return dict(QUESTIONS)[question]
+
+
+def write_world_qa(world_dir: str | Path) -> dict[str, str]:
+    """Write the questions of an existing world (from the facts in its ``annotations.jsonl``).
+
+    Deterministic and idempotent: a world written before questions existed gets them unchanged.
+    """
+    out = Path(world_dir)
+    with (out / "annotations.jsonl").open(encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for row in rows:
+        row["qa"] = [
+            {**qa, "question_id": f"{row['video_id']}_{j}"}
+            for j, qa in enumerate(scene_questions(Scene(**row["scene"])))
+        ]
+    _write_json(out / "annotations_qa.jsonl", rows, lines=True)
+    for split in SPLITS:
+        qa_rows = [
+            {
+                "video": r["video"],
+                "question": qa["question"],
+                "answer": qa["answer"],
+                "question_id": qa["question_id"],
+            }
+            for r in rows
+            if r["split"] == split
+            for qa in r["qa"]
+        ]
+        _write_json(out / "lavis" / f"qa_{split}.json", qa_rows)
+    answers = sorted({qa["answer"] for r in rows if r["split"] == "train" for qa in r["qa"]})
+    _write_json(out / "lavis" / "train_ans2label.json", {a: i for i, a in enumerate(answers)})
+    return {"qa_annotations": str(out / "annotations_qa.jsonl"), "qa_lavis": str(out / "lavis")}
+
+
 def render_scene(scene: Scene, frames: int = 16, size: int = 64) -> np.ndarray:
     """The frames of a scene: uint8 (frames, size, size, 3).
 
@@ -247,6 +306,7 @@ def make_synthetic_world(
             {"video_id": r["video_id"], "video": f"videos/{r['video']}"} for r in rows if not r["captions"]
         ]
         _write_json(out / "pool.jsonl", pool_rows, lines=True)
+    qa_files = write_world_qa(out)
     summary = {
         "out_dir": str(out),
         "videos": str(out / "videos"),
@@ -262,6 +322,7 @@ def make_synthetic_world(
         "ext": ext,
         "vocabulary": list(SYNTH_VOCAB),
         "order_words": order_words(),
+        **qa_files,
     }
     _write_json(out / "summary.json", summary)
     return summary

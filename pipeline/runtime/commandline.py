@@ -1,10 +1,11 @@
 """Click plumbing shared by `vidcap`, `run_pipeline.py` and `vidcap ablate`: config options, errors.
 
-Only click and the config schema are imported here, so every command starts fast.
+Only click, the config schema and the file helpers are imported here, so every command starts fast.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 from collections.abc import Callable
 from functools import wraps
@@ -13,23 +14,46 @@ from typing import Any
 import click
 
 from pipeline.config import Config, load_config
-from pipeline.errors import UserError
+from pipeline.errors import DiskFullError, UserError
+from pipeline.runtime.files import free_bytes
 
 CONFIG_HELP = "YAML config (see configs/); defaults apply to keys it leaves out."
 SET_HELP = "Override one key, e.g. --set train.lr=1e-4 (repeatable)."
 
 
 def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Print a `UserError` (or a missing file) as one `Error: ...` line and exit 1; bugs keep their traceback."""
+    """Print an error the user can act on as one `vidcap: error: ...` line and exit 1.
+
+    Those are `UserError`s, and the environment's `OSError`s (a missing or unreadable file, a
+    full disk: which path, how much room is left). Bugs keep their traceback.
+    """
 
     @wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return fn(*args, **kwargs)
-        except (UserError, FileNotFoundError) as e:
-            raise click.ClickException(str(e)) from None
+        except UserError as e:
+            raise CommandError(str(e)) from None
+        except OSError as e:
+            raise CommandError(describe_os_error(e)) from None
 
     return wrapper
+
+
+class CommandError(click.ClickException):
+    """A `ClickException` printed as `vidcap: error: <message>` (exit code 1)."""
+
+    def show(self, file: Any = None) -> None:
+        click.echo(f"vidcap: error: {self.format_message()}", err=True, file=file)
+
+
+def describe_os_error(error: OSError) -> str:
+    """One line for an OSError: what failed, on which path; for a full disk, the free space too."""
+    path = error.filename if error.filename is not None else ""
+    if error.errno in (errno.ENOSPC, errno.EDQUOT):
+        return str(DiskFullError(path or "(a file)", free_bytes(path) if path else None))
+    reason = error.strerror or str(error)
+    return f"{path}: {reason}" if path else reason
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:

@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from pipeline.runtime.files import disk_full_names
 from pipeline.runtime.locks import output_lock
 
 
@@ -47,9 +48,19 @@ def recorded_videos(out: Path) -> set[str]:
 
 
 def _complete(records: list[dict[str, Any]]) -> dict[tuple[str, Any], dict[str, Any]]:
-    """Records by key, first one wins, dropping windowed videos that miss some windows."""
+    """Records by key, first one wins, dropping windowed videos that miss some windows.
+
+    A video that failed part-way through its windows has an error record besides the windows
+    before the failure: the error record alone stands for it.
+    """
+    failed: dict[str, dict[str, Any]] = {}
+    for record in records:
+        if "error" in record:
+            failed.setdefault(record["video"], record)
     by_key: dict[tuple[str, Any], dict[str, Any]] = {}
     for record in records:
+        if record["video"] in failed:
+            record = failed[record["video"]]
         by_key.setdefault(record_key(record), record)
     windows: dict[str, set[Any]] = {}
     expected: dict[str, int] = {}
@@ -75,7 +86,7 @@ def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
     new.sort(key=lambda r: (rank.get(r["video"], len(rank)), r.get("start") or 0.0))
     if new:
         _cut_torn_tail(out)
-        with out.open("a", encoding="utf-8") as f:
+        with disk_full_names(out), out.open("a", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
             f.flush()
             os.fsync(f.fileno())
@@ -84,6 +95,37 @@ def merge_parts(out: Path, parts: Path, order: list[str]) -> int:
     with contextlib.suppress(OSError):
         parts.rmdir()
     return len(new)
+
+
+def drop_error_records(out: Path) -> int:
+    """Rewrite OUT without its `error` records (so their videos count as not done); returns how many.
+
+    The other lines are kept byte for byte and in order. The new file replaces OUT atomically,
+    so a kill leaves either the old OUT or the new one; it keeps OUT's permissions.
+    """
+    if not out.exists():
+        return 0
+    _cut_torn_tail(out)
+    tmp = out.with_name(f".{out.name}.retry.tmp")
+    dropped = 0
+    with disk_full_names(out), out.open("rb") as src, tmp.open("wb") as dst:
+        for line in src:
+            try:
+                record = json.loads(line)
+            except ValueError:
+                record = None
+            if isinstance(record, dict) and "error" in record:
+                dropped += 1
+                continue
+            dst.write(line)
+        dst.flush()
+        os.fsync(dst.fileno())
+    if dropped:
+        os.chmod(tmp, out.stat().st_mode & 0o7777)
+        os.replace(tmp, out)
+    else:
+        tmp.unlink()
+    return dropped
 
 
 def _cut_torn_tail(path: Path) -> None:

@@ -45,7 +45,7 @@ from typing import Any, TypeVar
 import torch
 from tqdm import tqdm
 
-from pipeline.config import STAGES, Config, diff_settings, stage_settings
+from pipeline.config import STAGES, Config, check_stage_inputs, diff_settings, stage_settings
 from pipeline.errors import ConfigError, StageError
 from pipeline.runtime import locks
 from pipeline.runtime.files import atomic_write_json
@@ -74,6 +74,7 @@ class Stage:
         A forced stage starts from an empty folder (the previous one is moved aside until the new
         run finishes).
         """
+        check_stage_inputs(config, name)  # before anything is read, skipped or deleted
         self.config = config
         self.name = name
         self.dir = config.stage_dir(name)
@@ -280,6 +281,9 @@ def stage_inputs(config: Config, name: str) -> dict[str, Any]:
         inputs["annotations"] = content_hash(config.data.annotations)
     if name in UPSTREAM_USES_MODEL:
         inputs["model"] = folder_identity(config.model.pretrained)
+    if name == "caption" and config.caption.model:  # a named model, not the run's best: that is the input
+        inputs["model"] = folder_identity(config.caption.model)
+        return inputs
     for upstream in UPSTREAM_RUNS[name]:
         done = read_done(config, upstream)
         inputs[upstream] = None if done is None else done.get("run_id", done.get("finished_at"))
