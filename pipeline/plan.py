@@ -132,10 +132,17 @@ def _stage_plan(
         views=_views(config),
         precision=precision(config),
         trainable=trainable,
-        prompt=_seed_default(config, "seed_prompt") if config.model.prompt is None else config.model.prompt,
+        prompt=_prompt(config),
         generation=_generation(config, stage),
         mixture=mixture,
     )
+
+
+def _prompt(config: Config) -> str | None:
+    """The language model's prompt: `qa.prompt` (one per question) for QA, else `model.prompt` or the seed's."""
+    if config.data.task == "qa":
+        return config.qa.prompt
+    return _seed_default(config, "seed_prompt") if config.model.prompt is None else config.model.prompt
 
 
 def _mixture(config: Config) -> str:
@@ -247,15 +254,25 @@ def _generation(config: Config, stage: str) -> dict[str, Any]:
     lengths = {"max_new_tokens": config.eval.max_new_tokens, "min_new_tokens": _min_new_tokens(config)}
     select = getattr(config, stage).select
     beams = config.eval.num_beams if select == "beam_cider_bleu4" else 1
+    if config.data.task == "qa":  # answers: `qa` lengths and beams; validation: greedy, best by accuracy
+        q = config.qa
+        lengths, select, beams = (
+            {"max_new_tokens": q.max_new_tokens, "min_new_tokens": q.min_new_tokens},
+            "accuracy",
+            1,
+        )
     generation: dict[str, Any] = {"validation": {"num_beams": beams, "select": select, **lengths}}
-    generation["eval"] = {"num_beams": config.eval.num_beams, **lengths}
+    generation["eval"] = {
+        "num_beams": config.qa.num_beams if select == "accuracy" else config.eval.num_beams,
+        **lengths,
+    }
     if stage == "scst":
         s = config.scst
         generation["samples"] = {
             "k": s.samples,
             "baseline": s.baseline,
             "temperature": s.temperature,
-            "max_new_tokens": s.max_new_tokens,
+            "max_new_tokens": lengths["max_new_tokens"] if select == "accuracy" else s.max_new_tokens,
             "min_new_tokens": lengths["min_new_tokens"],
         }
     return generation
@@ -366,7 +383,9 @@ def _rows(p: StagePlan) -> list[tuple[str, str]]:
     low = "the seed's minimum (T5 4, OPT/Vicuna 5)" if low is None else low
     lengths = f"{low}..{gen['eval']['max_new_tokens']} new tokens"
     val = gen["validation"]
-    best_by = "CIDEr-D + BLEU-4" if val["select"] == "beam_cider_bleu4" else "CIDEr-D"
+    best_by = {"beam_cider_bleu4": "CIDEr-D + BLEU-4", "accuracy": "answer accuracy"}.get(
+        val["select"], "CIDEr-D"
+    )
     generation = (
         f"prompt {p.prompt!r}; validation {val['num_beams']} beam(s), best by {best_by}; "
         f"eval {gen['eval']['num_beams']} beams; {lengths}"

@@ -353,9 +353,10 @@ class _Loop:
             atomic_write_json(self.job.stage_dir / "val" / f"epoch_{round_:03d}.json", predictions)
         loss_text = f"{train_loss:.4f}" if train_loss is not None else "-"
         self.job.log.info(
-            "epoch %d (step %d): val CIDEr-D %.4f%s, train loss %s",
+            "epoch %d (step %d): val %s %.4f%s, train loss %s",
             round_,
             state.global_step,
+            "accuracy" if "val_accuracy" in scores else "CIDEr-D",  # QA validates by accuracy
             cider,
             " (best)" if improved else "",
             loss_text,

@@ -107,12 +107,17 @@ def run(config: Config, force: bool = False, retry_failed: bool = False) -> dict
     summary = totals.summary(
         mode, store, vit, setup_s=totals.started - started, seconds=time.time() - started
     )
+    fell_back = ""
+    if config.decode.backend != "pyav":  # pyav is the exact path the others fall back to
+        fell_back = (
+            f"; decoded by pyav instead of {config.decode.backend}: {summary['decode_fallbacks'] or 'none'}"
+        )
     stage.log.info(
         "extract: %d done, %d skipped, %d failed in %.1f s (setup %.1f s; %.2f videos/s; decode %.1f s "
-        "in %d threads, waited for decoding %.1f s, ViT %.1f s, write %.1f s); decoded by pyav instead of %s: %s",
+        "in %d threads, waited for decoding %.1f s, ViT %.1f s, write %.1f s)%s",
         summary["done"], skipped, summary["failed"], summary["seconds"], summary["setup_s"],
         summary["videos_per_s"], summary["decode_s"], ex.decode_workers, summary["decode_wait_s"],
-        summary["vit_s"], summary["write_s"], config.decode.backend, summary["decode_fallbacks"] or "none",
+        summary["vit_s"], summary["write_s"], fell_back,
     )  # fmt: skip
     return stage.finish(summary)
 

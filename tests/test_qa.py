@@ -349,6 +349,7 @@ def test_tiny_qa_run_trains_and_evaluates_from_the_demo_cache(tiny_world, tmp_pa
     assert trained["steps"] == 2 * 15 and losses[-1] < losses[0]  # 12 videos x 5 questions, batch 4
     val = json.loads((tmp_path / "run/train/val/epoch_002.json").read_text())
     assert len(val) == 4 * 5 and set(val) == {f"synth{i:04d}_{j}" for i in range(12, 16) for j in range(5)}
+    assert "val accuracy" in (tmp_path / "run/train/log.txt").read_text()  # QA validates by accuracy
     assert scst.run(config)["steps"] == 2
     summary = eval_stage.run(config)
     for name in ("ce", "scst"):
@@ -402,6 +403,10 @@ def test_qa_presets_read_their_captioning_cache_with_the_seed_recipe(preset):
     )
     assert (qa.train.lr, qa.train.min_lr, qa.train.warmup_steps) == (5e-5, 1e-5, 1000)
     assert (scst.global_batch, scst.gpu_batch) == (16, 2)
+    assert train.prompt == "Question: {} Short answer:"  # `vidcap plan` shows what QA generates
+    assert train.generation["eval"] == {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1}
+    assert train.generation["validation"]["select"] == "accuracy"
+    assert scst.generation["samples"]["max_new_tokens"] == 10
 
 
 def test_demo_qa_reads_the_captioning_demos_cache():
