@@ -197,3 +197,16 @@ def test_vidcap_plan_shows_the_mixture_and_its_epoch(tiny_world, tmp_path):
     assert train_plan.steps_per_epoch == 12  # 12 labelled videos / 4 = 3 steps, drawn with p = 1/4
     text = format_plan([train_plan], "c.yaml")
     assert "lab 25.0% of the steps" in text and "ps 75.0% of the steps" in text and "top 50%" in text
+
+
+def test_rewritten_pseudo_labels_make_the_mixture_stage_stale(tiny_world, tmp_path):
+    from pipeline.runtime.stage import stage_inputs
+
+    path = Path(_pseudo_set(tiny_world, tmp_path))
+    sets = [{"name": "lab"}, {"name": "ps", "format": "captions_jsonl", "annotations": str(path)}]
+    config = tiny_config(tiny_world, tmp_path / "run", data={"train_sets": sets})
+    before = stage_inputs(config, "train")
+    path.write_text(path.read_text().replace('"confidence": 0.5', '"confidence": 0.25'))
+    after = stage_inputs(config, "train")
+    assert before["ps annotations"] != after["ps annotations"]
+    assert before["annotations"] == after["annotations"]  # the labelled data did not change
