@@ -103,6 +103,7 @@ from pipeline.runtime.stage import (
 from pipeline.sampling import EVAL_SAMPLING, normalize_frames
 from pipeline.training import best_model_dir
 from pipeline.video import VideoDecodeError, load_clip
+from pipeline.vision import checkpoint_image_size
 from pipeline.windows import iter_windows
 
 CAPTIONS_FILE = "captions.jsonl"
@@ -245,7 +246,8 @@ def _model_frames(model_path: str, config: Config) -> dict[str, int]:
     if is_export(Path(model_path)):
         model = json.loads((Path(model_path) / EXPORT_FILE).read_text())["model"]
         return {"num_frames": int(model["num_frames"]), "image_size": int(model["image_size"])}
-    return {"num_frames": model.num_frames, "image_size": model.image_size}
+    size = model.image_size or checkpoint_image_size(model_path)  # 0: the checkpoint's own, recorded as such
+    return {"num_frames": model.num_frames, "image_size": size}
 
 
 def _refuse_other_settings(out: Path, want: dict[str, Any]) -> None:

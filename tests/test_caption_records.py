@@ -147,3 +147,18 @@ def test_a_windowed_video_that_fails_part_way_counts_as_one_error(tmp_path):
     assert merge_parts(out, parts, ["/x", "/y"]) == 2
     assert [r.get("error", r.get("caption")) for r in _records(out)] == ["/x: decoding failed at 2.0 s", "y"]
     assert recorded_videos(out) == {"/x", "/y"}
+
+
+def test_a_base_model_at_its_own_image_size_records_and_decodes_that_size(tiny_world, videos, tmp_path):
+    from pipeline.vision import checkpoint_image_size
+
+    config = config_from_dict({
+        "decode": {"backend": "pyav"},
+        "model": {"num_frames": 4},  # image_size 0: the checkpoint's own
+        "caption": {"batch_size": 2, "num_beams": 1, "max_new_tokens": 4, "min_new_tokens": 1},
+    })  # fmt: skip
+    out = tmp_path / "o.jsonl"
+    summary = caption_videos(videos[:1], tiny_world["model"], str(out), config)
+    (record,) = _records(out)
+    assert summary["errors"] == 0 and record["caption"]
+    assert record["image_size"] == checkpoint_image_size(tiny_world["model"]) > 0
