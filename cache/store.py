@@ -56,13 +56,14 @@ the Zarr arrays lazily on first use.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import uuid
 import warnings
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -266,11 +267,14 @@ class FeatureStore:
                 raise StoreError(f"no feature store at {self.path} (no zarr.json)")
             with warnings.catch_warnings():  # the lz4 codec is "not in the Zarr v3 spec": known
                 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr")
-                group = zarr.open_group(self.path, mode=self.mode)
-                try:
-                    self._tokens = group["tokens"]
-                except KeyError:
-                    raise StoreError(f"{self.path} is a Zarr group but not a vidcap feature store") from None
+                with _damaged_metadata(self.path):
+                    group = zarr.open_group(self.path, mode=self.mode)
+                    try:
+                        self._tokens = group["tokens"]
+                    except KeyError:
+                        raise StoreError(
+                            f"{self.path} is a Zarr group but not a vidcap feature store"
+                        ) from None
             self._group = group
         return self._group
 
@@ -302,7 +306,9 @@ class FeatureStore:
     @property
     def video_ids(self) -> list[str]:
         if self._ids is None:
-            self._ids = [str(v) for v in self._open_group()["video_ids"][:].tolist()]
+            group = self._open_group()
+            with _damaged_metadata(self.path):
+                self._ids = [str(v) for v in group["video_ids"][:].tolist()]
         return self._ids
 
     def index_of(self, video_id: str) -> int:
@@ -640,3 +646,15 @@ def _disk_bytes(path: Path) -> int:
                 else:
                     total += entry.stat(follow_symlinks=False).st_size
     return total
+
+
+@contextlib.contextmanager
+def _damaged_metadata(path: Path) -> Iterator[None]:
+    """A torn or edited `zarr.json` (invalid JSON or metadata) as one StoreError naming the store."""
+    try:
+        yield
+    except (ValueError, TypeError) as e:  # json.JSONDecodeError is a ValueError
+        raise StoreError(
+            f"{path}: damaged Zarr metadata (a zarr.json that is not valid: {e}); vidcap writes them "
+            "atomically, so something else cut or edited it: delete the store and extract again"
+        ) from None

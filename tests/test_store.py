@@ -296,3 +296,15 @@ def test_overwrite_replaces_only_a_feature_store(tmp_path):
         _create(theirs, overwrite=True)
     assert (theirs / "keep.txt").read_text() == "x"
     _create(tmp_path / "f.zarr", overwrite=True)  # ours: replaced
+
+
+@pytest.mark.parametrize("metadata", ["zarr.json", "tokens/zarr.json", "video_ids/zarr.json"])
+def test_a_torn_zarr_json_is_one_error_naming_the_store(tmp_path, metadata):
+    path = tmp_path / "f.zarr"
+    _create(path)
+    torn = path / metadata
+    torn.write_bytes(torn.read_bytes()[: torn.stat().st_size // 2])  # cut mid-write by something else
+    with pytest.raises(StoreError, match="damaged Zarr metadata") as error:
+        store = FeatureStore.open(path)
+        store.video_ids  # noqa: B018 (read lazily)
+    assert str(path) in str(error.value)
