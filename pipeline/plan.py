@@ -175,16 +175,21 @@ def _train_counts(config: Config) -> dict[str, Any]:
         records = load_manifest(config.data).split(config.data.train_split)
     except (AnnotationError, OSError) as e:
         known = PUBLISHED_TRAIN_SIZES.get(config.data.format)
-        if known is None:
-            return {"videos": None, "pairs": None, "from": f"unknown: annotations not readable ({e})"}
-        videos, pairs, what = known
-        if config.data.max_videos:
-            videos, pairs = min(videos, config.data.max_videos), None
-        return {"videos": videos, "pairs": pairs, "from": f"published size ({what}); annotations not found"}
+        return _published_counts(known, config, f"annotations not readable ({e})")
     captions = [[c for c in map(clean_caption, r.captions) if c] for r in records]  # as TrainPlan counts
     captions = [c for c in captions if c]
     where = f"annotations {config.data.annotations}"
     return {"videos": len(captions), "pairs": sum(map(len, captions)), "from": where}
+
+
+def _published_counts(known: tuple[int, int, str] | None, config: Config, unreadable: str) -> dict[str, Any]:
+    """Training counts from the published split size when the annotations cannot be read here."""
+    if known is None:
+        return {"videos": None, "pairs": None, "from": f"unknown: {unreadable}"}
+    videos, pairs, what = known
+    if config.data.max_videos:
+        videos, pairs = min(videos, config.data.max_videos), None
+    return {"videos": videos, "pairs": pairs, "from": f"published size ({what}); annotations not found"}
 
 
 def _qa_train_counts(config: Config) -> dict[str, Any]:
@@ -195,12 +200,7 @@ def _qa_train_counts(config: Config) -> dict[str, Any]:
         items = load_qa(config.data).split(config.data.train_split)
     except (AnnotationError, OSError) as e:
         known = PUBLISHED_QA_TRAIN_SIZES.get(config.qa.dataset or config.data.format)
-        if known is None:
-            return {"videos": None, "pairs": None, "from": f"unknown: questions not readable ({e})"}
-        videos, pairs, what = known
-        if config.data.max_videos:
-            videos, pairs = min(videos, config.data.max_videos), None
-        return {"videos": videos, "pairs": pairs, "from": f"published size ({what}); annotations not found"}
+        return _published_counts(known, config, f"questions not readable ({e})")
     return {
         "videos": len({i.video_id for i in items}),
         "pairs": len(items),
